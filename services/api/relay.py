@@ -1,0 +1,54 @@
+"""Reading a request's Redis Stream as the generator writes it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+
+from services.common.contract import EventType, StreamEvent, stream_key
+
+#: Longest single blocking read; short enough to check the generator's silence often.
+_BLOCK_MS = 1000
+
+
+class GeneratorLost(Exception):
+    """The generator that took the job stopped writing (crashed or was killed)."""
+
+
+async def read_events(redis: Redis, request_id: str, silence_limit: float) -> AsyncIterator[StreamEvent]:
+    """Yield the request's events (``start``, ``token``, then ``done`` or ``error``)
+    as they arrive, with blocking reads; heartbeats are consumed here.
+
+    Before a generator has started the job, waiting is unbounded (the caller owns
+    the deadline). After it started, ``silence_limit`` seconds without any entry
+    (generators write a heartbeat every second) raise :class:`GeneratorLost`.
+    """
+    key = stream_key(request_id)
+    last_id = b"0-0"
+    started = False
+    last_seen = time.monotonic()
+    while True:
+        response = await redis.xread({key: last_id}, block=_BLOCK_MS, count=512)
+        now = time.monotonic()
+        if not response:
+            if started and now - last_seen > silence_limit:
+                raise GeneratorLost(f"the generator wrote nothing for {now - last_seen:.1f}s")
+            continue
+        last_seen = now
+        for entry_id, fields in response[0][1]:
+            last_id = entry_id
+            event = StreamEvent.from_fields(fields)
+            if event.type is EventType.HEARTBEAT:
+                continue
+            if event.type is EventType.START:
+                started = True
+            yield event
+            if event.is_terminal:
+                return
+
+
+async def delete_stream(redis: Redis, request_id: str) -> None:
+    """Drop a finished request's stream at once instead of waiting for its TTL."""
+    await redis.delete(stream_key(request_id))

@@ -1,0 +1,203 @@
+"""The ASGI response that relays one generation to one client.
+
+It runs two things at once: the relay (Redis Stream → framing → ``send``) and a
+listener for the client's ``http.disconnect``. Whichever ends first decides the
+request's outcome, so a client that leaves while its job is still queued is
+noticed at once, not at the next write. Then, exactly once: stop the
+generation if it is still running, clean up Redis, record the exchange in the
+session, and fire the user's callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from services.api.errors import ApiError
+from services.api.framing import Framer
+from services.api.outcome import CallbackMessage
+from services.common.contract import EventType, StreamEvent
+
+logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("services.api")
+
+#: HTTP status for a generator error that happens before any byte was sent.
+_STATUS_FOR_CODE = {
+    "prompt_too_long": 422,
+    "generator_lost": 503,
+    "redis_unavailable": 503,
+    "generation_failed": 500,
+}
+
+
+class StreamFailed(Exception):
+    """The generation ended with an error the client must be told about."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class RelayProgress:
+    """What has reached the client so far."""
+
+    headers_sent: bool = False
+    tokens_sent: int = 0
+    text: str = ""
+    done: StreamEvent | None = None
+    error: StreamFailed | None = None
+    parts: list[str] = field(default_factory=list)
+
+
+#: Called once when the response is over: (message, progress) -> None.
+Finisher = Callable[[CallbackMessage, RelayProgress], Awaitable[None]]
+
+
+class RelayResponse(Response):
+    """Streams the events of ``event_source()`` to the client in ``framer``'s format.
+
+    ``event_source`` is called inside the response, so the work it starts
+    (admission, enqueueing) happens only for a client that is still there, and
+    its waiting is interrupted by a disconnect. ``headers`` go out with the first
+    bytes: at once for SSE, with the first token for plain text, so that an error
+    before the first token can still be a proper HTTP error.
+    """
+
+    def __init__(
+        self,
+        *,
+        event_source: Callable[[], AsyncIterator[StreamEvent]],
+        framer: Framer,
+        headers: list[tuple[bytes, bytes]],
+        send_headers_early: bool,
+        finish: Finisher,
+    ) -> None:
+        super().__init__(media_type=framer.media_type)
+        self._event_source = event_source
+        self._framer = framer
+        self._headers = headers
+        self._send_headers_early = send_headers_early
+        self._finish = finish
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        progress = RelayProgress()
+        relay = asyncio.create_task(self._relay(send, progress))
+        disconnect = asyncio.create_task(_wait_for_disconnect(receive))
+        try:
+            await asyncio.wait({relay, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            relay.cancel()
+            disconnect.cancel()
+            raise
+        finally:
+            if not relay.done():
+                relay.cancel()
+            disconnect.cancel()
+            with contextlib.suppress(BaseException):
+                await relay
+            with contextlib.suppress(BaseException):
+                await disconnect
+        message = self._outcome(relay, progress)
+        abort = False
+        if message is CallbackMessage.UNKNOWN_ERROR_OCCURRED and progress.error is not None:
+            abort = not await self._report_error(send, progress)
+        await self._finish(message, progress)
+        if abort:
+            # Plain-text formats have no in-band error: end the connection without the
+            # final chunk, which clients report as an incomplete body (curl exit 18).
+            raise ResponseAborted(progress.error.message if progress.error else "aborted")
+
+    @staticmethod
+    def _outcome(relay: asyncio.Task[None], progress: RelayProgress) -> CallbackMessage:
+        exc = None if relay.cancelled() else relay.exception()
+        if relay.cancelled() or isinstance(exc, OSError):
+            return (
+                CallbackMessage.CLIENT_DISCONNECTED_WHILE_STREAMING
+                if progress.tokens_sent
+                else CallbackMessage.CLIENT_DISCONNECTED_BEFORE_STREAMING
+            )
+        if exc is None:
+            return CallbackMessage.SUCCESS
+        if isinstance(exc, StreamFailed):
+            progress.error = exc
+        else:
+            logger.error("relaying a stream failed", exc_info=exc)
+            progress.error = StreamFailed("internal_error", f"relaying the reply failed: {exc}")
+        return CallbackMessage.UNKNOWN_ERROR_OCCURRED
+
+    async def _start(self, send: Send, progress: RelayProgress) -> None:
+        if not progress.headers_sent:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", self._framer.media_type.encode()), *self._headers],
+                }
+            )
+            progress.headers_sent = True
+
+    async def _relay(self, send: Send, progress: RelayProgress) -> None:
+        if self._send_headers_early:
+            await self._start(send, progress)
+        async for event in self._event_source():
+            if event.type is EventType.TOKEN:
+                await self._start(send, progress)
+                await send({"type": "http.response.body", "body": self._framer.token(event.text), "more_body": True})
+                if progress.tokens_sent == 0:
+                    trace.get_current_span().add_event("first_token")
+                progress.tokens_sent += 1
+                progress.parts.append(event.text)
+            elif event.type is EventType.DONE:
+                progress.text = "".join(progress.parts)
+                progress.done = event
+                await self._start(send, progress)
+                body = self._framer.done(event.finish_reason, event.prompt_tokens, event.completion_tokens)
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+            elif event.type is EventType.ERROR:
+                raise StreamFailed(event.code or "generation_failed", event.message or "generation failed")
+        raise StreamFailed("generator_lost", "the stream ended without a result")
+
+    async def _report_error(self, send: Send, progress: RelayProgress) -> bool:
+        """Tell the client about ``progress.error``; False when the response must be aborted."""
+        error = progress.error
+        assert error is not None
+        try:
+            if not progress.headers_sent:
+                response = ApiError(_STATUS_FOR_CODE.get(error.code, 500), error.code, error.message).to_response()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": response.status_code,
+                        "headers": [*response.raw_headers, *self._headers],
+                    }
+                )
+                await send({"type": "http.response.body", "body": response.body, "more_body": False})
+                return True
+            body = self._framer.error(error.code, error.message)
+            if body is None:
+                return False
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return True
+        except OSError:
+            return True  # the client is gone too; nothing left to tell
+
+
+class ResponseAborted(Exception):
+    """Raised to make the server drop a response it cannot complete."""
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,40 @@
+"""Typed settings of the API pod, read from environment variables."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import Field
+
+from services.common.settings import CommonSettings
+
+
+class ResponseFormat(str, Enum):
+    """How ``/chat_stream`` frames the reply for clients that do not ask for SSE."""
+
+    PLAIN = "plain"  # text/plain deltas, chunked
+    CHATSTREAM = "chatstream"  # ChatStream 0.3 framing: the whole reply so far + "<::EOS::>" per chunk
+
+
+#: Secret used when SESSION_SECRET is not set; fine on a laptop, refused by nobody
+#: yet (production-mode enforcement is part of the API-keys issue).
+DEV_SESSION_SECRET = "chatstream-local-development-secret"
+
+
+class ApiSettings(CommonSettings):
+    """Everything an API pod can be configured with."""
+
+    api_host: str = Field("127.0.0.1", description="Address the HTTP server binds (0.0.0.0 in containers).")
+    api_port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP server.")
+    response_format: ResponseFormat = Field(
+        ResponseFormat.PLAIN, description="Default framing of /chat_stream: plain or chatstream (SSE when the client sends Accept: text/event-stream)."
+    )
+    session_secret: str = Field(DEV_SESSION_SECRET, description="Key that signs session cookies.")
+    session_cookie: str = Field("sid", description="Name of the session cookie.")
+    session_ttl_seconds: int = Field(86400, ge=60, description="A session's history expires after this long unused.")
+    history_max_turns: int = Field(20, ge=0, description="Most recent exchanges sent to the model as context.")
+    system_prompt: str = Field("", description="Optional system message placed before every conversation.")
+    max_input_chars: int = Field(8000, ge=1, description="Longest user_input accepted (HTTP 422 beyond).")
+    generator_silence_seconds: float = Field(
+        3.0, gt=0.0, description="A started generation that writes nothing (not even a heartbeat) for this long is declared dead."
+    )

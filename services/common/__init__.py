@@ -1,0 +1,1 @@
+"""Code shared by the API and generator services: the wire contract, Redis access, telemetry."""

@@ -1,0 +1,192 @@
+"""The wire contract between the API pod and the generator pods.
+
+Everything that crosses Redis between the two services is defined here and only
+here: key names, the arq queue and function, the job's arguments, the schema of
+the entries in a request's token stream, and the trace-context field. Both
+services import this module; nothing else spells a key.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+#: Every key this service writes starts with this prefix, so one Redis can be shared.
+KEY_PREFIX = "chatstream"
+
+#: The arq queue (a sorted set of job ids) that generator pods consume. KEDA's
+#: redis scaler can read its depth with ZCARD.
+QUEUE_NAME = f"{KEY_PREFIX}:queue"
+
+#: The arq function name of a generation job.
+GENERATE_FUNCTION = "generate"
+
+#: Pub/sub channel the API publishes on right after enqueueing, so idle workers
+#: start the job within milliseconds instead of waiting for arq's next poll.
+WAKE_CHANNEL = f"{KEY_PREFIX}:wake"
+
+#: Sorted set of live generator workers, scored by the Redis time (seconds) at
+#: which their registration expires unless renewed.
+GENERATORS_KEY = f"{KEY_PREFIX}:generators"
+
+
+def stream_key(request_id: str) -> str:
+    """Redis Stream that carries one request's events from generator to API."""
+    return f"{KEY_PREFIX}:stream:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    """Key whose existence tells the generator to stop the request's generation."""
+    return f"{KEY_PREFIX}:cancel:{request_id}"
+
+
+def session_key(session_id: str) -> str:
+    """Redis list holding a chat session's history, one JSON turn per element."""
+    return f"{KEY_PREFIX}:session:{session_id}"
+
+
+def new_request_id() -> str:
+    """A fresh 128-bit random request id (also the arq job id), as 32 hex digits."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings; ``None`` means "the generator's default"."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a conversation, in the roles of chat templates."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """The arguments of one generation job, passed to arq as a plain dict.
+
+    ``trace_context`` carries the W3C ``traceparent``/``tracestate`` of the API's
+    span (written by ``opentelemetry.propagate.inject``), so the generator's span
+    continues the caller's trace.
+    """
+
+    request_id: str
+    messages: list[ChatMessage]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    trace_context: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form sent through arq (pickled by arq, so keep it to builtins)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenerationJob:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            request_id=data["request_id"],
+            messages=[ChatMessage(**m) for m in data["messages"]],
+            sampling=SamplingParams(**data.get("sampling", {})),
+            trace_context=dict(data.get("trace_context", {})),
+        )
+
+
+class EventType(str, Enum):
+    """Kinds of entries in a request's stream, in the order they can appear."""
+
+    START = "start"  # a generator picked the job up
+    TOKEN = "token"  # a decoded text delta
+    HEARTBEAT = "heartbeat"  # the generator is alive but has nothing new (e.g. long prefill)
+    DONE = "done"  # terminal: generation finished normally
+    ERROR = "error"  # terminal: generation failed
+
+
+TERMINAL_EVENTS = frozenset({EventType.DONE, EventType.ERROR})
+
+
+class FinishReason(str, Enum):
+    """Why a generation ended."""
+
+    STOP = "stop"  # end-of-sequence token or a stop string
+    LENGTH = "length"  # max_new_tokens reached
+    CANCELLED = "cancelled"  # the API asked the generator to stop
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One entry of a request's Redis Stream.
+
+    Entries are flat string maps on the wire (``XADD``); :meth:`to_fields` and
+    :meth:`from_fields` are the only encoder and decoder.
+    """
+
+    type: EventType
+    text: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    code: str = ""
+    message: str = ""
+    worker: str = ""
+
+    def to_fields(self) -> dict[str, str]:
+        """Encode as the field map of an ``XADD``, omitting empty fields."""
+        out = {"type": self.type.value}
+        for name in ("text", "finish_reason", "code", "message", "worker"):
+            value = getattr(self, name)
+            if value:
+                out[name] = value
+        if self.type is EventType.DONE:
+            out["usage"] = json.dumps(
+                {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+            )
+        return out
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes | str, bytes | str]) -> StreamEvent:
+        """Decode an entry read with ``XREAD`` (bytes or str keys and values)."""
+        data = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
+        usage = json.loads(data.get("usage", "{}"))
+        return cls(
+            type=EventType(data["type"]),
+            text=data.get("text", ""),
+            finish_reason=data.get("finish_reason", ""),
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+            code=data.get("code", ""),
+            message=data.get("message", ""),
+            worker=data.get("worker", ""),
+        )
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for the last entry a generator writes for a request."""
+        return self.type in TERMINAL_EVENTS
+
+
+#: How often a generator writes a heartbeat entry while a job produces no tokens,
+#: and how long the API waits without any entry before it declares the generator dead.
+GENERATOR_HEARTBEAT_SECONDS = 1.0
+GENERATOR_SILENCE_LIMIT_SECONDS = 3.0
+
+#: Entries kept per stream (approximate MAXLEN): a reader more than this far behind
+#: has lost its client anyway.
+STREAM_MAXLEN = 10_000
+
+#: Lifetime of a request's stream and cancel keys after their last write: long
+#: enough for a slow reader to drain, short enough that abandoned keys vanish.
+STREAM_TTL_SECONDS = 300

@@ -1,0 +1,36 @@
+"""``python -m services.generator``: run one generator worker in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from services.common.settings import describe_settings
+from services.common.telemetry import setup_tracing
+from services.generator.settings import GeneratorSettings
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the (settings-only) command line and run the worker until SIGINT/SIGTERM."""
+    parser = argparse.ArgumentParser(
+        prog="python -m services.generator",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Generator worker: takes generation jobs from the arq queue in Redis, runs the model, "
+        "and publishes tokens to each request's Redis Stream.",
+        epilog="Configured by environment variables (OpenTelemetry through the standard OTEL_* ones):\n"
+        + describe_settings(GeneratorSettings),
+    )
+    parser.parse_args(argv)
+    settings = GeneratorSettings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().level > logging.DEBUG:
+        # arq logs every job's arguments, which hold the user's conversation.
+        logging.getLogger("arq.worker").setLevel(logging.WARNING)
+    setup_tracing("chatstream-generator")
+    from services.generator.worker import build_worker
+
+    build_worker(settings).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Typed settings of the generator pod, read from environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from enum import Enum
+from pathlib import Path
+
+from pydantic import Field
+
+from services.common.settings import CommonSettings
+
+#: Where `make run` / `scripts/prepare_model.py` put the default model.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / ".models" / "SmolLM2-135M-Instruct"
+
+
+class Backend(str, Enum):
+    """Which engine produces tokens."""
+
+    TRANSFORMERS = "transformers"
+    #: Benchmark/fault-drill backend: emits a deterministic reply at a fixed token
+    #: rate without running any model. Never the default.
+    SYNTHETIC = "synthetic"
+
+
+class GeneratorSettings(CommonSettings):
+    """Everything a generator pod can be configured with."""
+
+    model_id: str = Field(
+        str(DEFAULT_MODEL_DIR),
+        description="Hugging Face model id or local directory, loaded with from_pretrained.",
+    )
+    device: str = Field("auto", description="torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
+    dtype: str = Field("auto", description="Model dtype: auto (as saved in the checkpoint), float32, bfloat16, float16.")
+    torch_threads: int = Field(0, description="CPU threads for torch (0 = torch's default).")
+    trust_remote_code: bool = Field(False, description="Pass trust_remote_code to from_pretrained.")
+    max_new_tokens: int = Field(256, ge=1, description="Default cap on generated tokens per request.")
+    max_new_tokens_limit: int = Field(4096, ge=1, description="Hard cap a request may ask for.")
+    temperature: float = Field(0.2, ge=0.0, description="Default sampling temperature (0 = greedy).")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Default nucleus sampling mass.")
+    top_k: int = Field(50, ge=0, description="Default top-k (0 = off).")
+    repetition_penalty: float = Field(1.1, gt=0.0, description="Default repetition penalty (1 = off).")
+    stop: list[str] = Field(default_factory=list, description="Default stop strings (JSON list).")
+    generator_backend: Backend = Field(
+        Backend.TRANSFORMERS, description="transformers, or synthetic (benchmarks and fault drills only)."
+    )
+    synthetic_tokens_per_second: float = Field(50.0, gt=0.0, description="Token rate of the synthetic backend.")
+    synthetic_fail_after_tokens: int = Field(-1, description="Fault drill: the synthetic backend raises after this many tokens (-1 = never).")
+    worker_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Name of this generator in registrations, stream entries and traces (default: host-pid).",
+    )
+    idle_poll_seconds: float = Field(
+        0.5, gt=0.0, description="Fallback queue poll interval; new jobs normally wake the worker at once."
+    )
+    job_timeout_seconds: int = Field(600, ge=1, description="arq's hard limit on one job.")
+    registration_ttl_seconds: float = Field(10.0, gt=0.0, description="A generator that stops renewing its registration is considered gone after this.")
+    cancel_check_seconds: float = Field(0.1, gt=0.0, description="How often a running job checks whether the API asked it to stop.")
+

@@ -1,0 +1,120 @@
+"""The arq worker of a generator pod: job intake, wake-ups and registration."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from arq import Worker
+from arq.worker import func
+
+from services.common.contract import GENERATE_FUNCTION, QUEUE_NAME, WAKE_CHANNEL, GenerationJob
+from services.common.redis_client import arq_settings_from_url
+from services.common.registry import register_generator, unregister_generator
+from services.generator.engine import create_engine
+from services.generator.job import JobRunner
+from services.generator.settings import GeneratorSettings
+
+logger = logging.getLogger(__name__)
+
+
+class WakeableWorker(Worker):
+    """An arq worker that starts a new job within milliseconds of its enqueueing.
+
+    arq polls its queue every ``poll_delay`` (0.5 s by default), which would add
+    up to that much to every time-to-first-token. Here the API publishes on
+    :data:`WAKE_CHANNEL` after each enqueue and a finishing job wakes its own
+    worker, so the poll interval is only a fallback for a missed message.
+    """
+
+    def __init__(self, *args: Any, idle_poll_seconds: float, **kwargs: Any) -> None:
+        super().__init__(*args, poll_delay=0, **kwargs)
+        self.idle_poll_seconds = idle_poll_seconds
+        self.wake = asyncio.Event()
+
+    async def _poll_iteration(self) -> None:
+        self.wake.clear()
+        await super()._poll_iteration()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), self.idle_poll_seconds)
+
+
+async def _generate(ctx: dict[str, Any], job: dict[str, Any]) -> str:
+    runner: JobRunner = ctx["runner"]
+    try:
+        return await runner.run(GenerationJob.from_dict(job))
+    finally:
+        ctx["wake"].set()  # a slot is free: look at the queue now, not at the next poll
+
+
+async def _listen_for_wakeups(ctx: dict[str, Any]) -> None:
+    wake: asyncio.Event = ctx["wake"]
+    while True:
+        pubsub = ctx["redis"].pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(WAKE_CHANNEL)
+            async for _ in pubsub.listen():
+                wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.warning("wake-up subscription lost; relying on polling until it is back", exc_info=True)
+            await asyncio.sleep(1.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+
+async def _keep_registered(ctx: dict[str, Any], settings: GeneratorSettings) -> None:
+    while True:
+        try:
+            await register_generator(ctx["redis"], settings.worker_id, settings.registration_ttl_seconds)
+        except Exception:
+            logger.warning("renewing the generator registration failed", exc_info=True)
+        await asyncio.sleep(settings.registration_ttl_seconds / 3)
+
+
+def build_worker(settings: GeneratorSettings) -> WakeableWorker:
+    """An arq worker for the generation function, configured from ``settings``.
+
+    The model is loaded once in ``on_startup``, before the first job is taken.
+    """
+    engine_holder: dict[str, Any] = {}
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        engine = await asyncio.to_thread(create_engine, settings)
+        engine_holder["engine"] = engine
+        ctx["runner"] = JobRunner(engine, ctx["redis"], settings)
+        ctx["wake"] = worker.wake
+        ctx["background"] = [
+            asyncio.create_task(_listen_for_wakeups(ctx)),
+            asyncio.create_task(_keep_registered(ctx, settings)),
+        ]
+        logger.info("generator %s ready (model %s)", settings.worker_id, engine.model_id)
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        for task in ctx.get("background", []):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await unregister_generator(ctx["redis"], settings.worker_id)
+        if "engine" in engine_holder:
+            engine_holder["engine"].close()
+
+    worker = WakeableWorker(
+        functions=[
+            # max_tries=1: a job is never silently re-run after its worker died,
+            # since its client may already have received part of a reply.
+            func(_generate, name=GENERATE_FUNCTION, max_tries=1, timeout=settings.job_timeout_seconds, keep_result=0)
+        ],
+        queue_name=QUEUE_NAME,
+        redis_settings=arq_settings_from_url(settings.redis_url),
+        on_startup=on_startup,
+        on_shutdown=on_shutdown,
+        max_jobs=1,
+        keep_result=0,
+        health_check_interval=5,
+        idle_poll_seconds=settings.idle_poll_seconds,
+    )
+    return worker

@@ -1,0 +1,149 @@
+"""Real processes for the tests: redis-server, API servers, generator workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+class RedisServer:
+    """A throw-away redis-server on a free loopback port."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed: run `make test` (it installs it)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._log = open(workdir / f"redis-{self.port}.log", "wb")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self.client = redis.Redis.from_url(self.url)
+        wait_until(self._answers, 10, "redis-server")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.ConnectionError:
+            return False
+
+    def stop(self) -> None:
+        """Shut the server down."""
+        self.proc.terminate()
+        self.proc.wait(10)
+        self._log.close()
+
+
+class Service:
+    """One service process (``python -m ...`` or uvicorn), logging to a file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], workdir: Path) -> None:
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        """Everything the process printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Signal the process and wait; kill it if it does not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class ApiServer(Service):
+    """An API process on a free port; ``app`` is ``None`` for ``python -m services.api``
+    or a ``module:attribute`` for a user's own app run with uvicorn."""
+
+    def __init__(self, name: str, env: dict[str, str], workdir: Path, app: str | None = None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        env = {**env, "API_PORT": str(self.port)}
+        if app is None:
+            args = ["-m", "services.api"]
+        else:
+            args = ["-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port)]
+        super().__init__(name, args, env, workdir)
+        wait_until(self._healthy, 60, f"{name} /healthz")
+
+    def _healthy(self) -> bool:
+        if not self.alive():
+            raise RuntimeError(f"{self.name} exited:\n{self.log()}")
+        try:
+            return httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+
+class Generator(Service):
+    """A generator worker; waits until it has registered (model loaded)."""
+
+    def __init__(self, name: str, env: dict[str, str], workdir: Path, redis_client: redis.Redis) -> None:
+        env = {"WORKER_ID": name, **env}
+        super().__init__(name, ["-m", "services.generator"], env, workdir)
+        self.worker_id = env["WORKER_ID"]
+        wait_until(lambda: self._registered(redis_client), 120, f"{name} to register")
+
+    def _registered(self, client: redis.Redis) -> bool:
+        if not self.alive():
+            raise RuntimeError(f"{self.name} exited:\n{self.log()}")
+        from services.common.contract import GENERATORS_KEY
+
+        return client.zscore(GENERATORS_KEY, self.worker_id) is not None
+
+
+async def eventually(predicate, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Async :func:`wait_until`, for tests whose own tasks must keep running meanwhile."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
