@@ -1,0 +1,74 @@
+"""Pure pieces: the wire contract's encoding and the incremental detokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.contract import (
+    ChatMessage,
+    EventType,
+    GenerationJob,
+    SamplingParams,
+    StreamEvent,
+    new_request_id,
+)
+from services.generator.detokenizer import IncrementalDetokenizer
+
+
+def test_stream_events_round_trip_through_redis_field_maps():
+    events = [
+        StreamEvent(EventType.START, worker="gen-1"),
+        StreamEvent(EventType.TOKEN, text=" héllo 😀"),
+        StreamEvent(EventType.DONE, finish_reason="stop", prompt_tokens=7, completion_tokens=3),
+        StreamEvent(EventType.ERROR, code="generation_failed", message="boom"),
+    ]
+    for event in events:
+        wire = {k.encode(): v.encode() for k, v in event.to_fields().items()}
+        assert StreamEvent.from_fields(wire) == event
+
+
+def test_jobs_round_trip_and_request_ids_are_128_bit_random():
+    job = GenerationJob(
+        request_id=new_request_id(),
+        messages=[ChatMessage("user", "hi")],
+        sampling=SamplingParams(max_new_tokens=5, stop=["\n"]),
+        trace_context={"traceparent": "00-abc-def-01"},
+    )
+    assert GenerationJob.from_dict(job.to_dict()) == job
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) == 32 for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def detokenize(tokenizer, text: str, stop: list[str] | None = None) -> tuple[list[str], IncrementalDetokenizer]:
+    detok = IncrementalDetokenizer(tokenizer, stop)
+    pieces = [detok.push(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    pieces.append(detok.flush())
+    return pieces, detok
+
+
+def test_incremental_decoding_never_splits_a_character(tokenizer):
+    text = "Paris est magnifique 😀 日本語 done"
+    pieces, detok = detokenize(tokenizer, text)
+    assert "".join(pieces) == text == detok.text
+    assert not any("\ufffd" in p for p in pieces)
+    # The emoji is several byte tokens: nothing is released until it is complete.
+    assert "😀" in pieces or any("😀" in p for p in pieces)
+
+
+def test_stop_string_ends_the_reply_and_is_never_sent(tokenizer):
+    pieces, detok = detokenize(tokenizer, "The answer is 42.\nUser: next question", stop=["\nUser:"])
+    assert "".join(pieces) == "The answer is 42." == detok.text
+    assert detok.stopped
+
+
+def test_text_that_only_looks_like_a_stop_string_is_released_at_the_end(tokenizer):
+    pieces, detok = detokenize(tokenizer, "ends with \nUse", stop=["\nUser:"])
+    assert "".join(pieces) == "ends with \nUse"
+    assert not detok.stopped
