@@ -8,8 +8,9 @@
         return await chat_stream.handle_chat_stream_request(request)
 
 The request's journey: validate (``validation``) → session history
-(``sessions``) → enqueue for a generator (``enqueue``) → relay its Redis Stream
-(``relay``, ``response``) → record the exchange and fire the callback
+(``sessions``) → admit: wait for a cluster-wide permit (``admission``) → enqueue
+for a generator (``enqueue``) → relay its Redis Stream (``relay``,
+``response``) → release the permit, record the exchange and fire the callback
 (``outcome``).
 """
 
@@ -24,16 +25,17 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from services.api.admission import Admission, QueueTimeout, Ticket
 from services.api.enqueue import JobQueue
 from services.api.errors import ApiError
 from services.api.framing import ChatStreamFramer, Framer, PlainTextFramer, SseFramer
 from services.api.outcome import Callback, CallbackMessage, invoke_callback
 from services.api.relay import GeneratorLost, delete_stream, read_events
-from services.api.response import RelayProgress, RelayResponse, StreamFailed
+from services.api.response import Queued, RelayProgress, RelayResponse, StreamFailed
 from services.api.sessions import SessionStore, Turn, turns_to_messages
 from services.api.settings import ApiSettings, ResponseFormat
 from services.api.validation import ChatStreamRequest, parse_chat_request
-from services.common.contract import ChatMessage, GenerationJob, StreamEvent, new_request_id
+from services.common.contract import ChatMessage, EventType, GenerationJob, StreamEvent, new_request_id
 from services.common.redis_client import arq_redis_from_url
 
 logger = logging.getLogger(__name__)
@@ -57,9 +59,18 @@ class ChatStream:
             self.redis, settings.session_secret, settings.session_cookie, settings.session_ttl_seconds
         )
         self.queue = JobQueue(self.redis)
+        self.admission = Admission(
+            self.redis,
+            limit=settings.max_concurrent_generations,
+            max_queue_size=settings.max_queue_size,
+            lease_seconds=settings.lease_seconds,
+            queue_timeout=settings.queue_timeout_seconds,
+            retry_after_seconds=settings.retry_after_seconds,
+        )
 
     async def close(self) -> None:
-        """Close the Redis pool."""
+        """Stop background listeners and close the Redis pool."""
+        await self.admission.close()
         await self.redis.aclose()
 
     async def handle_chat_stream_request(
@@ -71,8 +82,10 @@ class ChatStream:
         (reading it again would hang). ``callback(request, message)``, sync or
         async, fires exactly once after the response ends for every accepted
         request, with a :class:`CallbackMessage`. Bad input is answered with a
-        4xx JSON error and no callback.
+        4xx JSON error and no callback; so is a full wait queue (429 with
+        ``Retry-After``).
         """
+        request_id = new_request_id()
         try:
             body = request_body if request_body is not None else await request.body()
             chat_request = parse_chat_request(body, self.settings.max_input_chars)
@@ -83,9 +96,13 @@ class ChatStream:
                 raise ApiError(503, "redis_unavailable", f"the session store is unreachable: {exc}") from None
             if chat_request.regenerate and not history:
                 raise ApiError(409, "nothing_to_regenerate", "regenerate needs a previous reply in this session")
+            try:
+                ticket = await self.admission.enter(request_id)
+            except RedisError as exc:
+                raise ApiError(503, "redis_unavailable", f"admission control is unreachable: {exc}") from None
         except ApiError as error:
             return error.to_response()
-        return self._stream(request, chat_request, session_id, new_session, history, callback)
+        return self._stream(request, request_id, ticket, chat_request, session_id, new_session, history, callback)
 
     async def clear_context(self, request: Request) -> Response:
         """Forget the conversation of the request's session (``POST /clear_context``)."""
@@ -107,51 +124,73 @@ class ChatStream:
     def _stream(
         self,
         request: Request,
+        request_id: str,
+        ticket: Ticket,
         chat_request: ChatStreamRequest,
         session_id: str,
         new_session: bool,
         history: list[Turn],
         callback: Callback | None,
     ) -> RelayResponse:
-        request_id = new_request_id()
         if chat_request.regenerate:
             user_input, context = history[-1].user, history[:-1]
         else:
             user_input, context = chat_request.user_input, history
         context = context[-self.settings.history_max_turns :] if self.settings.history_max_turns else []
         messages = [*turns_to_messages(context, self.settings.system_prompt), ChatMessage("user", user_input)]
-        job = GenerationJob(request_id=request_id, messages=messages)
         request.state.request_id = request_id
         span = trace.get_current_span()
         span.set_attribute("chat.request_id", request_id)
         span.set_attribute("chat.regenerate", chat_request.regenerate)
 
-        async def events() -> AsyncIterator[StreamEvent]:
+        async def events() -> AsyncIterator[StreamEvent | Queued]:
             try:
-                await self.queue.enqueue(job)
+                async for position in ticket.wait():
+                    yield Queued(position)
+                span.set_attribute("chat.queue_wait_ms", (ticket.acquired_at - ticket.entered_at) * 1000)
+                span.set_attribute("chat.fencing_token", ticket.lease.fencing_token)
+                await self.queue.enqueue(GenerationJob(request_id=request_id, messages=messages, lease=ticket.lease))
+            except QueueTimeout as exc:
+                raise StreamFailed("queue_timeout", str(exc)) from None
             except RedisError as exc:
                 raise StreamFailed("redis_unavailable", f"the job queue is unreachable: {exc}") from None
+            parts: list[str] = []
             try:
                 async for event in read_events(self.redis, request_id, self.settings.generator_silence_seconds):
+                    if event.type is EventType.TOKEN:
+                        parts.append(event.text)
+                    elif event.type is EventType.DONE:
+                        # Recorded before the client sees the end, so that a regenerate
+                        # sent right after it finds this turn in the history.
+                        await record_turn("".join(parts))
                     yield event
             except GeneratorLost as exc:
                 raise StreamFailed("generator_lost", f"the generator stopped responding: {exc}") from None
             except RedisError as exc:
                 raise StreamFailed("redis_unavailable", f"lost the connection to Redis: {exc}") from None
 
+        async def record_turn(reply: str) -> None:
+            turn = Turn(user_input, reply)
+            try:
+                if chat_request.regenerate:
+                    await self.sessions.replace_last(session_id, turn)
+                else:
+                    await self.sessions.append(session_id, turn)
+            except RedisError:
+                logger.exception("recording the reply of %s in its session failed", request_id)
+
         async def finish(message: CallbackMessage, progress: RelayProgress) -> None:
             span.set_attribute("chat.callback_message", message.value)
             try:
                 if progress.done is None:
+                    # Stop the generation before its permit goes to someone else.
                     never_ran = await self.queue.withdraw(request_id)
                     span.set_attribute("chat.withdrawn_before_start", never_ran)
+            except RedisError:
+                logger.exception("withdrawing request %s failed; its lease will expire", request_id)
+            await ticket.release()
+            try:
                 await delete_stream(self.redis, request_id)
-                if message is CallbackMessage.SUCCESS:
-                    turn = Turn(user_input, progress.text)
-                    if chat_request.regenerate:
-                        await self.sessions.replace_last(session_id, turn)
-                    else:
-                        await self.sessions.append(session_id, turn)
             except RedisError:
                 logger.exception("cleaning up request %s failed", request_id)
             await invoke_callback(callback, request, message)

@@ -36,6 +36,7 @@ class JobQueue:
                 messages=job.messages,
                 sampling=job.sampling,
                 trace_context=inject_context(),
+                lease=job.lease,
             ).to_dict()
             queued = await self._arq.enqueue_job(
                 GENERATE_FUNCTION, payload, _job_id=job.request_id, _queue_name=QUEUE_NAME

@@ -3,7 +3,8 @@
 * plain text (default): the deltas themselves, chunked; ``curl -N`` shows the
   reply as it grows. An error after the first byte aborts the response (no final
   chunk), which every HTTP client reports as an incomplete body.
-* SSE (``Accept: text/event-stream``): JSON events ``token``, ``done``, ``error``.
+* SSE (``Accept: text/event-stream``): JSON events ``queued`` (position while
+  waiting for a permit), ``token``, ``done``, ``error``.
 * ChatStream 0.3 (setting): each chunk is the whole reply so far followed by
   ``<::EOS::>``, for existing ChatStream web clients.
 """
@@ -28,6 +29,11 @@ class Framer:
 
     def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
         """Bytes that end a successful response."""
+        return b""
+
+    def queued(self, position: int) -> bytes:
+        """Bytes that tell a waiting client its queue position (nothing for plain text,
+        which sees nothing until the first token)."""
         return b""
 
     def error(self, code: str, message: str) -> bytes | None:
@@ -65,6 +71,9 @@ class SseFramer(Framer):
 
     def token(self, delta: str) -> bytes:
         return self.event("token", {"text": delta})
+
+    def queued(self, position: int) -> bytes:
+        return self.event("queued", {"position": position})
 
     def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
         return self.event(

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from opentelemetry import trace
 from starlette.responses import Response
@@ -33,8 +33,17 @@ _STATUS_FOR_CODE = {
     "prompt_too_long": 422,
     "generator_lost": 503,
     "redis_unavailable": 503,
+    "queue_timeout": 503,
+    "lease_lost": 503,
     "generation_failed": 500,
 }
+
+
+@dataclass(frozen=True)
+class Queued:
+    """The request is waiting for a permit at ``position`` (1 = next)."""
+
+    position: int
 
 
 class StreamFailed(Exception):
@@ -52,10 +61,8 @@ class RelayProgress:
 
     headers_sent: bool = False
     tokens_sent: int = 0
-    text: str = ""
     done: StreamEvent | None = None
     error: StreamFailed | None = None
-    parts: list[str] = field(default_factory=list)
 
 
 #: Called once when the response is over: (message, progress) -> None.
@@ -75,7 +82,7 @@ class RelayResponse(Response):
     def __init__(
         self,
         *,
-        event_source: Callable[[], AsyncIterator[StreamEvent]],
+        event_source: Callable[[], AsyncIterator[StreamEvent | Queued]],
         framer: Framer,
         headers: list[tuple[bytes, bytes]],
         send_headers_early: bool,
@@ -149,15 +156,18 @@ class RelayResponse(Response):
         if self._send_headers_early:
             await self._start(send, progress)
         async for event in self._event_source():
-            if event.type is EventType.TOKEN:
+            if isinstance(event, Queued):
+                body = self._framer.queued(event.position)
+                if body:
+                    await self._start(send, progress)
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+            elif event.type is EventType.TOKEN:
                 await self._start(send, progress)
                 await send({"type": "http.response.body", "body": self._framer.token(event.text), "more_body": True})
                 if progress.tokens_sent == 0:
                     trace.get_current_span().add_event("first_token")
                 progress.tokens_sent += 1
-                progress.parts.append(event.text)
             elif event.type is EventType.DONE:
-                progress.text = "".join(progress.parts)
                 progress.done = event
                 await self._start(send, progress)
                 body = self._framer.done(event.finish_reason, event.prompt_tokens, event.completion_tokens)

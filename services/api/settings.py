@@ -35,6 +35,19 @@ class ApiSettings(CommonSettings):
     history_max_turns: int = Field(20, ge=0, description="Most recent exchanges sent to the model as context.")
     system_prompt: str = Field("", description="Optional system message placed before every conversation.")
     max_input_chars: int = Field(8000, ge=1, description="Longest user_input accepted (HTTP 422 beyond).")
+    max_concurrent_generations: int = Field(
+        2, ge=1, description="Generation permits shared by all API pods (cluster-wide concurrency limit)."
+    )
+    max_queue_size: int = Field(
+        32, ge=0, description="Requests that may wait for a permit, cluster-wide; beyond it, HTTP 429."
+    )
+    queue_timeout_seconds: float = Field(
+        60.0, gt=0.0, description="A request that waits longer than this for a permit gets HTTP 503."
+    )
+    lease_seconds: float = Field(
+        3.0, gt=0.0, description="Lease of a permit or queue place; renewed every third of it while the request lives, so a dead pod's permits return within this."
+    )
+    retry_after_seconds: int = Field(2, ge=0, description="Retry-After sent with HTTP 429.")
     generator_silence_seconds: float = Field(
         3.0, gt=0.0, description="A started generation that writes nothing (not even a heartbeat) for this long is declared dead."
     )

@@ -74,6 +74,16 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """The admission permit a job runs under: the generator writes to the stream
+    only while ``holder_id`` still holds a live permit with this fencing token
+    (see ``services.common.semaphore``)."""
+
+    holder_id: str
+    fencing_token: int
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     """The arguments of one generation job, passed to arq as a plain dict.
 
@@ -86,6 +96,7 @@ class GenerationJob:
     messages: list[ChatMessage]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     trace_context: dict[str, str] = field(default_factory=dict)
+    lease: Lease | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form sent through arq (pickled by arq, so keep it to builtins)."""
@@ -99,6 +110,7 @@ class GenerationJob:
             messages=[ChatMessage(**m) for m in data["messages"]],
             sampling=SamplingParams(**data.get("sampling", {})),
             trace_context=dict(data.get("trace_context", {})),
+            lease=Lease(**data["lease"]) if data.get("lease") else None,
         )
 
 

@@ -15,14 +15,12 @@ from redis.asyncio import Redis
 from services.common.contract import (
     GENERATOR_HEARTBEAT_SECONDS,
     EventType,
-    FinishReason,
     GenerationJob,
     StreamEvent,
-    cancel_key,
 )
 from services.common.telemetry import extract_context
 from services.generator.engine import Engine, GenerationError, ResolvedSampling
-from services.generator.publisher import StreamPublisher
+from services.generator.publisher import LeaseLost, StreamPublisher
 from services.generator.settings import GeneratorSettings
 
 logger = logging.getLogger(__name__)
@@ -47,27 +45,39 @@ class JobRunner:
             span.set_attribute("chat.request_id", job.request_id)
             span.set_attribute("chat.worker", self._settings.worker_id)
             span.set_attribute("gen_ai.request.model", self._engine.model_id)
-            if await self._redis.exists(cancel_key(job.request_id)):
-                # The client left while the job was queued: do no work at all.
-                span.set_attribute("chat.finish_reason", FinishReason.CANCELLED.value)
-                return FinishReason.CANCELLED.value
-            publisher = StreamPublisher(self._redis, job.request_id, self._settings.worker_id)
+            if job.lease is not None:
+                span.set_attribute("chat.fencing_token", job.lease.fencing_token)
+            publisher = StreamPublisher(self._redis, job.request_id, self._settings.worker_id, job.lease)
+            refused = await publisher.should_stop()
+            if refused:
+                # The client left while the job was queued, or its permit is gone:
+                # do no work at all.
+                logger.info("request %s not started: %s", job.request_id, refused)
+                span.set_attribute("chat.finish_reason", refused)
+                return refused
             await publisher.start()
             cancel = threading.Event()
             watcher = asyncio.create_task(self._watch(job.request_id, cancel, publisher))
             logger.info("request %s started", job.request_id)
             try:
-                outcome = await self._generate(job, cancel, publisher, span)
-                logger.info("request %s finished: %s", job.request_id, outcome)
-                return outcome
+                terminal = await self._generate(job, cancel, publisher, span)
             finally:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
+            outcome = terminal.finish_reason or f"error:{terminal.code}"
+            # Logged before the terminal entry is written: once the API reads it, the
+            # permit goes to the next request, and this generation must be over by then.
+            logger.info("request %s finished: %s", job.request_id, outcome)
+            try:
+                await publisher.publish(terminal)
+            except LeaseLost:
+                await publisher.publish_unfenced(_lease_lost_event())
+            return outcome
 
     async def _generate(
         self, job: GenerationJob, cancel: threading.Event, publisher: StreamPublisher, span: trace.Span
-    ) -> str:
+    ) -> StreamEvent:
         sampling = ResolvedSampling.resolve(job.sampling, self._settings)
         started = time.perf_counter()
         try:
@@ -80,40 +90,38 @@ class JobRunner:
         except GenerationError as exc:
             logger.info("request %s rejected by the engine: %s", job.request_id, exc.message)
             span.set_status(Status(StatusCode.ERROR, exc.message))
-            await publisher.publish(StreamEvent(EventType.ERROR, code=exc.code, message=exc.message))
-            return f"error:{exc.code}"
+            return StreamEvent(EventType.ERROR, code=exc.code, message=exc.message)
+        except LeaseLost:
+            logger.warning("request %s lost its permit; generation stopped", job.request_id)
+            span.set_status(Status(StatusCode.ERROR, "lease lost"))
+            return _lease_lost_event()
         except Exception as exc:
             logger.exception("generation failed for request %s", job.request_id)
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, str(exc)))
-            await publisher.publish(
-                StreamEvent(EventType.ERROR, code="generation_failed", message=f"generation failed: {exc}")
-            )
-            return "error:generation_failed"
+            return StreamEvent(EventType.ERROR, code="generation_failed", message=f"generation failed: {exc}")
         if generation.first_token_at is not None:
             span.set_attribute("chat.time_to_first_token_ms", (generation.first_token_at - started) * 1000)
         span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", generation.completion_tokens)
         span.set_attribute("chat.finish_reason", generation.finish_reason.value)
-        await publisher.publish(
-            StreamEvent(
-                EventType.DONE,
-                finish_reason=generation.finish_reason.value,
-                prompt_tokens=generation.prompt_tokens,
-                completion_tokens=generation.completion_tokens,
-            )
+        return StreamEvent(
+            EventType.DONE,
+            finish_reason=generation.finish_reason.value,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
         )
-        return generation.finish_reason.value
 
     async def _watch(self, request_id: str, cancel: threading.Event, publisher: StreamPublisher) -> None:
-        """Until the job ends: stop it when the API asks, and keep the stream alive."""
-        key = cancel_key(request_id)
+        """Until the job ends: stop it when the API asks or the lease is gone, and
+        keep the stream alive with heartbeats."""
         last_touch = time.monotonic()
         while not cancel.is_set():
             await asyncio.sleep(self._settings.cancel_check_seconds)
             try:
-                if await self._redis.exists(key):
-                    logger.info("request %s cancelled by the API", request_id)
+                reason = await publisher.should_stop()
+                if reason:
+                    logger.info("request %s stopping: %s", request_id, reason)
                     cancel.set()
                     return
                 now = time.monotonic()
@@ -122,5 +130,14 @@ class JobRunner:
                 if now - last_touch >= GENERATOR_HEARTBEAT_SECONDS * 10:
                     await publisher.touch()
                     last_touch = now
+            except LeaseLost:
+                cancel.set()
+                return
             except Exception:
                 logger.exception("checking request %s for cancellation failed", request_id)
+
+
+def _lease_lost_event() -> StreamEvent:
+    return StreamEvent(
+        EventType.ERROR, code="lease_lost", message="the request's generation permit expired; generation stopped"
+    )

@@ -1,4 +1,4 @@
-"""Writing a request's events to its Redis Stream."""
+"""Writing a request's events to its Redis Stream, fenced by the request's lease."""
 
 from __future__ import annotations
 
@@ -10,34 +10,80 @@ from services.common.contract import (
     STREAM_MAXLEN,
     STREAM_TTL_SECONDS,
     EventType,
+    Lease,
     StreamEvent,
+    cancel_key,
     stream_key,
+)
+from services.common.semaphore import GENERATIONS, lease_check_lua
+
+# KEYS: stream, holders, tokens; ARGV: holder ('' = unfenced), token, maxlen, then field/value pairs.
+# NOMKSTREAM: once the API has deleted the stream (client gone), late writes must
+# not recreate it as a key without a TTL.
+_FENCED_XADD = (
+    "local lease_ok = true\n"
+    "if ARGV[1] ~= '' then\n"
+    + lease_check_lua("KEYS[2]", "KEYS[3]", "ARGV[1]", "ARGV[2]")
+    + """
+end
+if not lease_ok then return 0 end
+redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+return 1
+"""
+)
+
+# KEYS: cancel, holders, tokens; ARGV: holder ('' = unfenced), token.
+# Returns 'cancelled', 'lease_lost' or ''.
+_CHECK = (
+    "if redis.call('EXISTS', KEYS[1]) == 1 then return 'cancelled' end\n"
+    "if ARGV[1] == '' then return '' end\n"
+    + lease_check_lua("KEYS[2]", "KEYS[3]", "ARGV[1]", "ARGV[2]")
+    + "\nif lease_ok then return '' end\nreturn 'lease_lost'\n"
 )
 
 
-class StreamPublisher:
-    """Publishes the events of one request; remembers when it last wrote, so the
-    job can send heartbeats only when the stream has been quiet."""
+class LeaseLost(Exception):
+    """The request's permit expired or passed to another holder: stop writing."""
 
-    def __init__(self, redis: Redis, request_id: str, worker_id: str) -> None:
+
+class StreamPublisher:
+    """Publishes the events of one request. Every write is fenced: it happens only
+    while the request's lease is valid, checked atomically inside Redis."""
+
+    def __init__(self, redis: Redis, request_id: str, worker_id: str, lease: Lease | None) -> None:
         self._redis = redis
         self._key = stream_key(request_id)
+        self._cancel_key = cancel_key(request_id)
         self._worker_id = worker_id
+        self._lease_args = [lease.holder_id, str(lease.fencing_token)] if lease else ["", ""]
+        self._xadd = redis.register_script(_FENCED_XADD)
+        self._check = redis.register_script(_CHECK)
         self.last_write = 0.0
 
     async def publish(self, event: StreamEvent) -> None:
-        """Append one event (one XADD; the key's TTL is kept alive by :meth:`touch`)."""
-        # NOMKSTREAM: once the API has deleted the stream (client gone), late writes
-        # must not recreate it as a key without a TTL.
-        await self._redis.xadd(
-            self._key, event.to_fields(), maxlen=STREAM_MAXLEN, approximate=True, nomkstream=True
-        )
+        """Append one event; raises :class:`LeaseLost` when the lease is no longer valid."""
+        args = [*self._lease_args, STREAM_MAXLEN]
+        for name, value in event.to_fields().items():
+            args += [name, value]
+        written = await self._xadd(keys=[self._key, GENERATIONS.holders, GENERATIONS.tokens], args=args)
+        if not written:
+            raise LeaseLost(f"the lease of {self._key} is no longer valid")
         self.last_write = time.monotonic()
+
+    async def publish_unfenced(self, event: StreamEvent) -> None:
+        """Append a terminal error even without a lease: telling the client why its
+        stream ends acts on no shared resource."""
+        await self._redis.xadd(self._key, event.to_fields(), maxlen=STREAM_MAXLEN, approximate=True, nomkstream=True)
 
     async def start(self) -> None:
         """First entry: tells the API which worker took the job; sets the key's TTL."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(self._key, StreamEvent(EventType.START, worker=self._worker_id).to_fields(), maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.xadd(
+                self._key,
+                StreamEvent(EventType.START, worker=self._worker_id).to_fields(),
+                maxlen=STREAM_MAXLEN,
+                approximate=True,
+            )
             pipe.expire(self._key, STREAM_TTL_SECONDS)
             await pipe.execute()
         self.last_write = time.monotonic()
@@ -53,3 +99,11 @@ class StreamPublisher:
     async def touch(self) -> None:
         """Push the key's expiry forward during a long generation."""
         await self._redis.expire(self._key, STREAM_TTL_SECONDS)
+
+    async def should_stop(self) -> str:
+        """'cancelled' when the API asked to stop, 'lease_lost' when the permit is gone,
+        else ''."""
+        result = await self._check(
+            keys=[self._cancel_key, GENERATIONS.holders, GENERATIONS.tokens], args=self._lease_args
+        )
+        return result.decode() if isinstance(result, bytes) else str(result)

@@ -1,0 +1,183 @@
+"""Admission: a request waits its turn for one of the cluster's generation permits.
+
+A thin layer over :class:`services.common.semaphore.RedisSemaphore` that adds what
+an HTTP request needs: the first attempt happens before the response starts (so
+a full queue is a real 429 with ``Retry-After``), waiting reports the queue
+position as it changes, ends at ``QUEUE_TIMEOUT_SECONDS``, keeps the lease alive
+while the request lives, and releases exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from redis.asyncio import Redis
+
+from services.api.errors import ApiError
+from services.common.contract import Lease
+from services.common.semaphore import GENERATIONS, AcquireResult, AcquireStatus, RedisSemaphore
+
+logger = logging.getLogger(__name__)
+
+
+class QueueTimeout(Exception):
+    """The request waited longer than ``QUEUE_TIMEOUT_SECONDS``."""
+
+
+class ReleaseNotifier:
+    """One pub/sub subscription per process that wakes every local waiter when a
+    permit is released anywhere in the cluster."""
+
+    def __init__(self, redis: Redis, channel: str) -> None:
+        self._redis = redis
+        self._channel = channel
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    async def wait(self, timeout: float) -> None:
+        """Return on the next release, or after ``timeout`` seconds."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._listen())
+        async with self._changed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                async for _ in pubsub.listen():
+                    async with self._changed:
+                        self._changed.notify_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("release notifications lost; waiters fall back to polling", exc_info=True)
+                await asyncio.sleep(1.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+    async def close(self) -> None:
+        """Stop listening."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+class Ticket:
+    """One request's place in admission: waiting, then holding a permit."""
+
+    def __init__(self, admission: Admission, request_id: str, first: AcquireResult) -> None:
+        self._admission = admission
+        self.request_id = request_id
+        self.result = first
+        self.entered_at = time.monotonic()
+        self.acquired_at: float | None = time.monotonic() if first.status is AcquireStatus.ACQUIRED else None
+        self._released = False
+        self._keepalive: asyncio.Task[None] | None = None
+        if first.status is AcquireStatus.ACQUIRED:
+            self._start_keepalive()
+
+    def _start_keepalive(self) -> None:
+        # Renew at a third of the lease while the request lives. If renewal fails
+        # for good, the generator's fenced writes stop and the client gets an error.
+        self._keepalive = asyncio.create_task(self._renew_until_released())
+
+    @property
+    def lease(self) -> Lease:
+        """The permit the job runs under (only after acquiring)."""
+        return Lease(self.request_id, self.result.fencing_token)
+
+    async def wait(self) -> AsyncIterator[int]:
+        """Yield the queue position (1 = next) each time it changes, until the permit
+        is held. Raises :class:`QueueTimeout` past the deadline."""
+        semaphore = self._admission.semaphore
+        deadline = self.entered_at + self._admission.queue_timeout
+        last_position = 0
+        while self.result.status is AcquireStatus.WAITING:
+            if self.result.position != last_position:
+                last_position = self.result.position
+                yield last_position
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise QueueTimeout(f"waited {self._admission.queue_timeout:g}s for a free generator")
+            await self._admission.notifier.wait(min(self._admission.poll_interval, remaining))
+            self.result = await semaphore.acquire(self.request_id)
+        if self._keepalive is None:
+            self.acquired_at = time.monotonic()
+            self._start_keepalive()
+
+    async def _renew_until_released(self) -> None:
+        semaphore = self._admission.semaphore
+        interval = semaphore.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                renewed = await semaphore.renew(self.request_id)
+            except Exception:
+                logger.warning("renewing the lease of %s failed", self.request_id, exc_info=True)
+                continue  # the lease may survive until the next try
+            if not renewed:
+                logger.error("request %s lost its generation permit", self.request_id)
+                return
+
+    async def release(self) -> None:
+        """Give the permit (or the queue place) back; safe to call more than once."""
+        if self._released:
+            return
+        self._released = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        try:
+            await self._admission.semaphore.release(self.request_id)
+        except Exception:
+            # The lease then expires by itself within LEASE_SECONDS.
+            logger.exception("releasing the permit of %s failed", self.request_id)
+
+
+class Admission:
+    """The API pod's admission control for generations."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        limit: int,
+        max_queue_size: int,
+        lease_seconds: float,
+        queue_timeout: float,
+        retry_after_seconds: int,
+    ) -> None:
+        self.semaphore = RedisSemaphore(redis, GENERATIONS, limit, lease_seconds, max_queue_size)
+        self.notifier = ReleaseNotifier(redis, GENERATIONS.released_channel)
+        self.queue_timeout = queue_timeout
+        self.retry_after_seconds = retry_after_seconds
+        # Waiters re-check at least this often (releases wake them sooner); it also
+        # renews their waiting lease, so it must stay well under the lease.
+        self.poll_interval = min(0.25, lease_seconds / 3)
+
+    async def enter(self, request_id: str) -> Ticket:
+        """First attempt: take a permit or a place in the queue.
+
+        Raises :class:`ApiError` 429 (with ``Retry-After``) when the queue is full.
+        """
+        result = await self.semaphore.acquire(request_id)
+        if result.status is AcquireStatus.REJECTED:
+            raise ApiError(
+                429,
+                "too_many_requests",
+                f"all generators are busy and {result.position} requests are already waiting; retry later",
+                headers={"Retry-After": str(self.retry_after_seconds)},
+            )
+        return Ticket(self, request_id, result)
+
+    async def close(self) -> None:
+        """Stop the release listener."""
+        await self.notifier.close()

@@ -1,0 +1,147 @@
+"""The distributed semaphore on its own, against the real test Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from redis.asyncio import Redis
+
+from services.common.semaphore import AcquireStatus, RedisSemaphore, SemaphoreKeys, lease_is_valid
+from tests.support.processes import REPO
+
+
+@pytest.fixture
+async def redis(redis_server):
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def keys(request):
+    return SemaphoreKeys(f"test-{request.node.name}-{time.monotonic_ns()}")
+
+
+async def test_permits_are_capped_and_the_queue_is_first_come_first_served(redis, keys):
+    sem = RedisSemaphore(redis, keys, limit=2, lease_seconds=5, max_waiting=3)
+    a, b = await sem.acquire("a"), await sem.acquire("b")
+    assert a.status is b.status is AcquireStatus.ACQUIRED
+    assert b.fencing_token > a.fencing_token > 0
+    waiting = [await sem.acquire(w) for w in ("c", "d", "e")]
+    assert [(r.status, r.position) for r in waiting] == [(AcquireStatus.WAITING, i) for i in (1, 2, 3)]
+    rejected = await sem.acquire("f")
+    assert rejected.status is AcquireStatus.REJECTED
+    assert await sem.counts() == (2, 3)
+    await sem.release("a")
+    # "e" asks first, but "c" is ahead of it: "e" keeps waiting, "c" gets the permit.
+    assert (await sem.acquire("e")).position == 2
+    assert (await sem.acquire("d")).status is AcquireStatus.WAITING
+    c = await sem.acquire("c")
+    assert c.status is AcquireStatus.ACQUIRED and c.fencing_token > b.fencing_token
+    assert (await sem.acquire("d")).position == 1
+    assert await sem.release("b") is True
+    assert await sem.release("b") is False  # idempotent
+    assert (await sem.acquire("d")).status is AcquireStatus.ACQUIRED
+
+
+async def test_an_expired_holder_is_purged_and_its_fencing_token_dies_with_it(redis, keys):
+    sem = RedisSemaphore(redis, keys, limit=1, lease_seconds=0.3, max_waiting=5)
+    old = await sem.acquire("crashed")
+    assert (await sem.acquire("next")).status is AcquireStatus.WAITING
+    assert await lease_is_valid(redis, keys, "crashed", old.fencing_token)
+    await asyncio.sleep(0.4)  # the holder stopped renewing: its lease runs out
+    new = await sem.acquire("next")
+    assert new.status is AcquireStatus.ACQUIRED and new.fencing_token > old.fencing_token
+    assert not await lease_is_valid(redis, keys, "crashed", old.fencing_token)
+    assert not await sem.renew("crashed")
+    assert await sem.renew("next")
+    assert await lease_is_valid(redis, keys, "next", new.fencing_token)
+    # A stale token is refused even for the same holder id.
+    assert not await lease_is_valid(redis, keys, "next", old.fencing_token)
+
+
+async def test_a_waiter_that_stops_polling_loses_its_place(redis, keys):
+    sem = RedisSemaphore(redis, keys, limit=1, lease_seconds=0.3, max_waiting=5)
+    await sem.acquire("holder")
+    assert (await sem.acquire("dead-waiter")).position == 1
+    assert (await sem.acquire("live-waiter")).position == 2
+    for _ in range(4):  # the live waiter keeps polling (renewing); the dead one does not
+        await asyncio.sleep(0.1)
+        await sem.renew("holder")
+        result = await sem.acquire("live-waiter")
+    assert result.position == 1
+    assert await sem.counts() == (1, 1)
+
+
+async def test_renewal_keeps_a_permit_past_its_lease(redis, keys):
+    sem = RedisSemaphore(redis, keys, limit=1, lease_seconds=0.3, max_waiting=0)
+    await sem.acquire("long")
+    for _ in range(6):
+        await asyncio.sleep(0.1)
+        assert await sem.renew("long")
+    assert (await sem.acquire("other")).status is AcquireStatus.REJECTED
+
+
+async def test_acquire_and_release_cost(redis, keys):
+    """Not a timing assertion: records the cost for the closing note (printed with -s)."""
+    sem = RedisSemaphore(redis, keys, limit=1000, lease_seconds=5, max_waiting=0)
+    samples = []
+    for i in range(300):
+        t0 = time.perf_counter()
+        assert (await sem.acquire(f"h{i}")).status is AcquireStatus.ACQUIRED
+        await sem.release(f"h{i}")
+        samples.append((time.perf_counter() - t0) * 1e6)
+    samples.sort()
+    print(f"\nacquire+release: median {samples[150]:.0f} us, p99 {samples[296]:.0f} us")
+    assert await sem.counts() == (0, 0)
+
+
+def test_stress_many_processes_acquiring_releasing_and_crashing(redis_server, keys):
+    """Several processes acquire, hold for random times, release or abandon their
+    permit (a crash, as far as the semaphore can tell), and some are killed -9.
+    A monitor checks the invariant at every observation."""
+    limit, lease = 3, 0.5
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.support.semaphore_stress", redis_server.url, keys.name,
+             str(limit), str(lease), str(seed), "40"],
+            cwd=REPO, stdout=subprocess.PIPE, text=True,
+        )
+        for seed in range(6)
+    ]
+    import redis as sync_redis
+
+    monitor = sync_redis.Redis.from_url(redis_server.url)
+    observed_max = 0
+    killed = False
+    deadline = time.monotonic() + 90
+    while any(w.poll() is None for w in workers) and time.monotonic() < deadline:
+        in_use = monitor.zcount(keys.holders, f"({_redis_now(monitor)}", "+inf")
+        observed_max = max(observed_max, in_use)
+        assert in_use <= limit
+        if not killed and observed_max == limit:
+            workers[0].kill()  # a real crash, possibly while holding a permit
+            killed = True
+        time.sleep(0.005)
+    outputs = [w.communicate(timeout=30)[0] for w in workers]
+    time.sleep(lease + 0.2)  # abandoned and crashed permits expire by themselves
+    in_use = monitor.zcount(keys.holders, f"({_redis_now(monitor)}", "+inf")
+    assert in_use == 0
+    summaries = [json.loads(line) for out in outputs[1:] for line in out.splitlines() if line.startswith("{")]
+    assert len(summaries) == 5
+    for s in summaries:
+        # Every operation is accounted for: released, abandoned, or rejected/timed out.
+        assert s["released"] + s["abandoned"] + s["rejected"] + s["timed_out"] == s["operations"] == 40
+        assert s["lost_lease"] == 0
+    assert observed_max == limit
+    assert sum(s["released"] for s in summaries) > 100
+
+
+def _redis_now(client) -> float:
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
