@@ -45,6 +45,12 @@ class GeneratorSettings(CommonSettings):
     generator_backend: Backend = Field(
         Backend.TRANSFORMERS, description="transformers, or synthetic (benchmarks and fault drills only)."
     )
+    generator_slots: int = Field(
+        1,
+        ge=1,
+        description="Concurrent requests per pod (the arq worker's max_jobs). Above 1 the transformers backend "
+        "decodes them together in one batch (continuous batching); 1 runs them one after another.",
+    )
     synthetic_tokens_per_second: float = Field(50.0, gt=0.0, description="Token rate of the synthetic backend.")
     synthetic_fail_after_tokens: int = Field(-1, description="Fault drill: the synthetic backend raises after this many tokens (-1 = never).")
     worker_id: str = Field(

@@ -112,7 +112,7 @@ def build_worker(settings: GeneratorSettings) -> WakeableWorker:
         redis_settings=arq_settings_from_url(settings.redis_url),
         on_startup=on_startup,
         on_shutdown=on_shutdown,
-        max_jobs=1,
+        max_jobs=settings.generator_slots,
         keep_result=0,
         health_check_interval=5,
         idle_poll_seconds=settings.idle_poll_seconds,
