@@ -30,7 +30,7 @@ setup: $(VENV)/.installed redis-server deploy-tools
 model: $(VENV)/.installed
 	$(PY) scripts/prepare_model.py
 
-run: setup model
+run: $(VENV)/.installed redis-server model
 	scripts/run_local.sh
 
 test: setup model
