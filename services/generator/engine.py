@@ -176,7 +176,7 @@ class TransformersEngine:
         async def deltas() -> AsyncIterator[str]:
             generation.prompt_tokens = len(prompt_ids)
             detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-            eos_ids = _eos_ids(self.model, self.tokenizer)
+            eos_ids = eos_token_ids(self.model, self.tokenizer)
             saw_eos = False
             future = loop.run_in_executor(self._executor, run)
             try:
@@ -280,7 +280,8 @@ def _context_limit(config: Any) -> int:
     return 0
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends a sequence, from the generation config and the tokenizer."""
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), tokenizer):
         value = getattr(source, "eos_token_id", None)
@@ -292,8 +293,12 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 def create_engine(settings: GeneratorSettings) -> Engine:
-    """The engine selected by ``GENERATOR_BACKEND``."""
+    """The engine selected by ``GENERATOR_BACKEND`` and, for transformers, ``GENERATOR_SLOTS``."""
     if settings.generator_backend is Backend.SYNTHETIC:
         logger.warning("GENERATOR_BACKEND=synthetic: no model runs; replies are a fixed echo (benchmarks only)")
         return SyntheticEngine(settings)
+    if settings.generator_slots > 1:
+        from services.generator.batching import BatchingEngine
+
+        return BatchingEngine(settings)
     return TransformersEngine(settings)
