@@ -25,7 +25,7 @@ def redis_server(workdir: Path) -> Iterator[RedisServer]:
     """One real redis-server for the whole run, on a free port."""
     server = RedisServer(workdir)
     yield server
-    server.stop()
+    server.close()
 
 
 @pytest.fixture(scope="session")
@@ -104,3 +104,16 @@ def tiny_generator_env(model: Path, **extra: str) -> dict[str, str]:
 def synthetic_generator_env(tokens_per_second: float = 50, **extra: str) -> dict[str, str]:
     """Generator settings for the synthetic backend (fixed reply at a fixed rate)."""
     return {"GENERATOR_BACKEND": "synthetic", "SYNTHETIC_TOKENS_PER_SECOND": str(tokens_per_second), **extra}
+
+
+@pytest.fixture
+def private_stack(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """Like ``stack``, but on a Redis of its own that the test may stop and restart."""
+    server = RedisServer(workdir)
+    s = Stack(server, workdir, request.node.name[:40])
+    yield s
+    s.stop()
+    server.close()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print(s.logs())

@@ -209,4 +209,5 @@ class ChatStream:
             headers=headers,
             send_headers_early=sse,
             finish=finish,
+            deadline_seconds=self.settings.request_timeout_seconds,
         )

@@ -30,7 +30,13 @@ async def read_events(redis: Redis, request_id: str, silence_limit: float) -> As
     started = False
     last_seen = time.monotonic()
     while True:
-        response = await redis.xread({key: last_id}, block=_BLOCK_MS, count=512)
+        block_ms = _BLOCK_MS
+        if started:
+            # Wake up in time to declare a silent generator lost at the limit, not up
+            # to one block later.
+            remaining = silence_limit - (time.monotonic() - last_seen)
+            block_ms = max(10, min(_BLOCK_MS, int(remaining * 1000) + 1))
+        response = await redis.xread({key: last_id}, block=block_ms, count=512)
         now = time.monotonic()
         if not response:
             if started and now - last_seen > silence_limit:

@@ -35,6 +35,8 @@ _STATUS_FOR_CODE = {
     "redis_unavailable": 503,
     "queue_timeout": 503,
     "lease_lost": 503,
+    "generator_shutdown": 503,
+    "request_timeout": 504,
     "generation_failed": 500,
 }
 
@@ -87,8 +89,10 @@ class RelayResponse(Response):
         headers: list[tuple[bytes, bytes]],
         send_headers_early: bool,
         finish: Finisher,
+        deadline_seconds: float,
     ) -> None:
         super().__init__(media_type=framer.media_type)
+        self._deadline_seconds = deadline_seconds
         self._event_source = event_source
         self._framer = framer
         self._headers = headers
@@ -153,6 +157,16 @@ class RelayResponse(Response):
             progress.headers_sent = True
 
     async def _relay(self, send: Send, progress: RelayProgress) -> None:
+        """Relay under the request's deadline (queue wait and generation together)."""
+        try:
+            async with asyncio.timeout(self._deadline_seconds):
+                await self._relay_events(send, progress)
+        except TimeoutError:
+            raise StreamFailed(
+                "request_timeout", f"the request did not finish within {self._deadline_seconds:g}s"
+            ) from None
+
+    async def _relay_events(self, send: Send, progress: RelayProgress) -> None:
         if self._send_headers_early:
             await self._start(send, progress)
         async for event in self._event_source():

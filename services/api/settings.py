@@ -48,6 +48,9 @@ class ApiSettings(CommonSettings):
         3.0, gt=0.0, description="Lease of a permit or queue place; renewed every third of it while the request lives, so a dead pod's permits return within this."
     )
     retry_after_seconds: int = Field(2, ge=0, description="Retry-After sent with HTTP 429.")
+    request_timeout_seconds: float = Field(
+        300.0, gt=0.0, description="Deadline of a whole request (queue wait + generation); past it the client gets an error and the generation stops."
+    )
     generator_silence_seconds: float = Field(
-        3.0, gt=0.0, description="A started generation that writes nothing (not even a heartbeat) for this long is declared dead."
+        2.5, gt=0.0, description="A started generation that writes nothing (not even a heartbeat) for this long is declared dead."
     )

@@ -38,6 +38,12 @@ def stream_key(request_id: str) -> str:
     return f"{KEY_PREFIX}:stream:{request_id}"
 
 
+def reader_wake_key(reader_id: str) -> str:
+    """Private stream of one API process's stream reader: an entry wakes its blocked
+    multi-stream ``XREAD`` when a new request's stream must join it."""
+    return f"{KEY_PREFIX}:reader-wake:{reader_id}"
+
+
 def cancel_key(request_id: str) -> str:
     """Key whose existence tells the generator to stop the request's generation."""
     return f"{KEY_PREFIX}:cancel:{request_id}"

@@ -61,6 +61,15 @@ class JobRunner:
             logger.info("request %s started", job.request_id)
             try:
                 terminal = await self._generate(job, cancel, publisher, span)
+            except asyncio.CancelledError:
+                # The worker is shutting down past its drain time: tell the client
+                # instead of leaving it to notice the silence.
+                logger.warning("request %s cut short by the generator's shutdown", job.request_id)
+                with contextlib.suppress(Exception):
+                    await publisher.publish_unfenced(
+                        StreamEvent(EventType.ERROR, code="generator_shutdown", message="the generator shut down")
+                    )
+                raise
             finally:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -68,7 +77,7 @@ class JobRunner:
             outcome = terminal.finish_reason or f"error:{terminal.code}"
             # Logged before the terminal entry is written: once the API reads it, the
             # permit goes to the next request, and this generation must be over by then.
-            logger.info("request %s finished: %s", job.request_id, outcome)
+            logger.info("request %s finished: %s (%d tokens)", job.request_id, outcome, terminal.completion_tokens)
             try:
                 await publisher.publish(terminal)
             except LeaseLost:

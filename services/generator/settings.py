@@ -62,5 +62,8 @@ class GeneratorSettings(CommonSettings):
     )
     job_timeout_seconds: int = Field(600, ge=1, description="arq's hard limit on one job.")
     registration_ttl_seconds: float = Field(10.0, gt=0.0, description="A generator that stops renewing its registration is considered gone after this.")
+    drain_seconds: float = Field(
+        60.0, ge=0.0, description="On SIGTERM: stop taking jobs and let running streams finish for up to this long, then exit."
+    )
     cancel_check_seconds: float = Field(0.1, gt=0.0, description="How often a running job checks whether the API asked it to stop.")
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from typing import Any
 
 from arq import Worker
 from arq.worker import func
+from redis.exceptions import RedisError
 
 from services.common.contract import GENERATE_FUNCTION, QUEUE_NAME, WAKE_CHANNEL, GenerationJob
 from services.common.redis_client import arq_settings_from_url
@@ -33,12 +35,25 @@ class WakeableWorker(Worker):
         super().__init__(*args, poll_delay=0, **kwargs)
         self.idle_poll_seconds = idle_poll_seconds
         self.wake = asyncio.Event()
+        self.drain_started = asyncio.Event()
 
     async def _poll_iteration(self) -> None:
         self.wake.clear()
-        await super()._poll_iteration()
+        try:
+            await super()._poll_iteration()
+        except (RedisError, OSError):
+            # arq would let this end the worker; a Redis outage must not kill a pod
+            # that is otherwise fine. Keep trying until Redis is back.
+            logger.warning("polling the job queue failed; retrying", exc_info=True)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.wake.wait(), self.idle_poll_seconds)
+
+    def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
+        """SIGTERM/SIGINT (e.g. a Kubernetes scale-in): stop taking jobs, let the
+        running streams finish for up to DRAIN_SECONDS (arq's job_completion_wait),
+        then exit."""
+        self.drain_started.set()
+        super().handle_sig_wait_for_completion(signum)
 
 
 async def _generate(ctx: dict[str, Any], job: dict[str, Any]) -> str:
@@ -67,13 +82,19 @@ async def _listen_for_wakeups(ctx: dict[str, Any]) -> None:
                 await pubsub.aclose()
 
 
-async def _keep_registered(ctx: dict[str, Any], settings: GeneratorSettings) -> None:
-    while True:
+async def _keep_registered(ctx: dict[str, Any], settings: GeneratorSettings, worker: WakeableWorker) -> None:
+    while not worker.drain_started.is_set():
         try:
             await register_generator(ctx["redis"], settings.worker_id, settings.registration_ttl_seconds)
         except Exception:
             logger.warning("renewing the generator registration failed", exc_info=True)
-        await asyncio.sleep(settings.registration_ttl_seconds / 3)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(worker.drain_started.wait(), settings.registration_ttl_seconds / 3)
+    # A draining pod takes no new work: it stops counting as capacity at once.
+    try:
+        await unregister_generator(ctx["redis"], settings.worker_id)
+    except Exception:
+        logger.warning("unregistering the draining generator failed", exc_info=True)
 
 
 def build_worker(settings: GeneratorSettings) -> WakeableWorker:
@@ -90,7 +111,7 @@ def build_worker(settings: GeneratorSettings) -> WakeableWorker:
         ctx["wake"] = worker.wake
         ctx["background"] = [
             asyncio.create_task(_listen_for_wakeups(ctx)),
-            asyncio.create_task(_keep_registered(ctx, settings)),
+            asyncio.create_task(_keep_registered(ctx, settings, worker)),
         ]
         logger.info("generator %s ready (model %s)", settings.worker_id, engine.model_id)
 
@@ -116,5 +137,6 @@ def build_worker(settings: GeneratorSettings) -> WakeableWorker:
         keep_result=0,
         health_check_interval=5,
         idle_poll_seconds=settings.idle_poll_seconds,
+        job_completion_wait=settings.drain_seconds,
     )
     return worker

@@ -35,21 +35,26 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05) -> 
 
 
 class RedisServer:
-    """A throw-away redis-server on a free loopback port."""
+    """A throw-away redis-server on a free loopback port; can be stopped and started
+    again on the same port (to provoke an outage)."""
 
     def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
+        self._binary = shutil.which("redis-server")
+        if self._binary is None:
             raise RuntimeError("redis-server is not installed: run `make test` (it installs it)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._log = open(workdir / f"redis-{self.port}.log", "wb")
+        self._log = open(workdir / f"redis-{self.port}.log", "ab")
+        self.client = redis.Redis.from_url(self.url)
+        self.start()
+
+    def start(self) -> None:
+        """Start (again) on the same port and wait until it answers."""
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
-        self.client = redis.Redis.from_url(self.url)
         wait_until(self._answers, 10, "redis-server")
 
     def _answers(self) -> bool:
@@ -59,9 +64,13 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        """Shut the server down."""
+        """Shut the server down (its data is lost)."""
         self.proc.terminate()
         self.proc.wait(10)
+
+    def close(self) -> None:
+        """Stop for good."""
+        self.stop()
         self._log.close()
 
 

@@ -1,0 +1,339 @@
+"""Relaying many requests' Redis Streams over a few Redis connections.
+
+``relay.read_events`` issues one blocking ``XREAD`` per request, so every open
+stream holds a Redis connection and costs one round trip per token. Here a few
+reader tasks per API process (``connections``) each issue one ``XREAD BLOCK``
+over all the streams they own and hand what comes back to per-request
+subscriptions: 1,000 streams cost a handful of connections, and one read carries
+the entries of every stream that has something new.
+
+A stream added while its reader is blocked would wait for the end of the block;
+instead the reader's read also covers a private wake stream
+(``contract.reader_wake_key``), and adding a stream to a blocked read appends
+one entry to it, so the read returns at once and the next one includes the new
+stream. Removing a stream needs no wake: its entries are simply dropped.
+
+Tokens that arrive in the same read are coalesced into one ``token`` event (one
+HTTP chunk) whose text is their concatenation.
+
+    reader = StreamReader(redis)
+    async for event in reader.read_events(request_id, silence_limit):
+        ...
+    await reader.close()
+
+``read_events(redis, request_id, silence_limit)`` (module level) has the
+signature and semantics of ``relay.read_events`` and shares one reader per
+Redis client, so a caller can switch by changing an import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.api.relay import GeneratorLost
+from services.common.contract import EventType, StreamEvent, reader_wake_key, stream_key
+
+logger = logging.getLogger(__name__)
+
+#: Longest single blocking read. New streams wake the read, removed ones need not,
+#: so this only bounds how long an idle reader lingers before it notices it is idle.
+DEFAULT_BLOCK_MS = 1000
+
+#: Most entries taken from one stream in one read (a reader that far behind catches
+#: up over several reads, in order).
+DEFAULT_COUNT = 512
+
+#: Lifetime of a wake stream after its last entry, so a killed process leaves nothing behind.
+_WAKE_TTL_SECONDS = 60
+
+
+class _Subscription:
+    """One request's place in a reader: entries read for it but not yet consumed."""
+
+    __slots__ = ("key", "last_id", "batches", "waiter", "error")
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.last_id: bytes = b"0-0"
+        self.batches: list[list[tuple[Any, dict[Any, Any]]]] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: BaseException | None = None
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def push(self, entries: list[tuple[Any, dict[Any, Any]]]) -> None:
+        self.batches.append(entries)
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._wake()
+
+    async def take(self, timeout: float | None) -> list[tuple[Any, dict[Any, Any]]]:
+        """Every entry read so far, in stream order; waits up to ``timeout`` seconds
+        (None: forever) for at least one. Returns [] on timeout."""
+        if not self.batches and self.error is None:
+            loop = asyncio.get_running_loop()
+            self.waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+                if timer is not None:
+                    timer.cancel()
+        if self.batches:
+            batches, self.batches = self.batches, []
+            return batches[0] if len(batches) == 1 else [entry for batch in batches for entry in batch]
+        if self.error is not None:
+            raise _copy_error(self.error) from self.error
+        return []
+
+
+def _copy_error(error: BaseException) -> BaseException:
+    """A fresh exception of the same type for each consumer: one instance raised in
+    many tasks would collect all their tracebacks."""
+    try:
+        return type(error)(*error.args)
+    except Exception:
+        return RedisError(str(error))
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Shard:
+    """One reader task and the streams it owns; at most one Redis connection busy at a time."""
+
+    def __init__(self, reader: StreamReader, index: int) -> None:
+        self._reader = reader
+        self.subs: dict[bytes, _Subscription] = {}
+        self.wake_key = reader_wake_key(f"{reader.id}:{index}").encode()
+        self._wake_last_id = b"0-0"
+        self._task: asyncio.Task[None] | None = None
+        self._reading = False  # a read's key list is built and the read not yet answered
+        self._wake_sent = False
+
+    def add(self, sub: _Subscription) -> None:
+        self.subs[sub.key] = sub
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"stream-reader {self.wake_key.decode()}")
+        elif self._reading and not self._wake_sent:
+            self._wake_sent = True
+            self._reader._spawn(self._wake())
+
+    def remove(self, sub: _Subscription) -> None:
+        if self.subs.get(sub.key) is sub:
+            del self.subs[sub.key]
+
+    async def _wake(self) -> None:
+        try:
+            async with self._reader.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
+                pipe.expire(self.wake_key, _WAKE_TTL_SECONDS)
+                await pipe.execute()
+        except RedisError:
+            # The blocked read still returns within its block; the new stream waits that long.
+            logger.warning("waking stream reader %s failed", self.wake_key.decode(), exc_info=True)
+
+    async def _run(self) -> None:
+        reader = self._reader
+        redis = reader.redis
+        try:
+            while self.subs:
+                subs = list(self.subs.values())
+                args: list[Any] = ["COUNT", reader.count, "BLOCK", reader.block_ms, "STREAMS", self.wake_key]
+                args.extend(sub.key for sub in subs)
+                args.append(self._wake_last_id)
+                args.extend(sub.last_id for sub in subs)
+                self._reading = True
+                try:
+                    reply = await redis.execute_command("XREAD", *args)
+                except RedisError as exc:
+                    # Every consumer sees the error, as with one read per stream; streams
+                    # added later start a fresh read.
+                    self.fail_all(exc, subs)
+                    continue
+                finally:
+                    self._reading = False
+                    self._wake_sent = False
+                if reply:
+                    self._dispatch(reply)
+                if reader.min_read_interval:
+                    await asyncio.sleep(reader.min_read_interval)
+        except Exception as exc:
+            logger.exception("stream reader %s failed", self.wake_key.decode())
+            self.fail_all(RedisError(f"the stream reader failed: {exc!r}"), list(self.subs.values()))
+        finally:
+            self._reading = False
+
+    def fail_all(self, error: BaseException, subs: list[_Subscription]) -> None:
+        """Raise ``error`` in each of ``subs`` and stop reading their streams."""
+        for sub in subs:
+            sub.fail(error)
+            self.remove(sub)
+
+    def _dispatch(self, reply: Any) -> None:
+        items = reply.items() if isinstance(reply, dict) else reply  # RESP3 answers a map
+        for key, entries in items:
+            if isinstance(key, str):
+                key = key.encode()
+            if isinstance(entries, list) and entries and isinstance(entries[0], list) and len(entries) == 1:
+                entries = entries[0]  # RESP3 wraps each stream's entries once more
+            if not entries:
+                continue
+            if key == self.wake_key:
+                self._wake_last_id = _as_bytes(entries[-1][0])
+                continue
+            sub = self.subs.get(key)
+            if sub is None:
+                continue  # removed while the read was in flight
+            sub.last_id = _as_bytes(entries[-1][0])
+            sub.push(entries)
+
+    async def close(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self.fail_all(RedisError("the stream reader was closed"), list(self.subs.values()))
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+class StreamReader:
+    """Reads the streams of many requests over ``connections`` blocking reads.
+
+    ``redis``: the client whose pool the reads and wake-ups use (each reader task
+    holds at most one of its connections at a time). ``min_read_interval``: a pause
+    after each read, so that under heavy load one read carries more entries (more
+    coalescing, fewer commands) at the price of up to that much added latency; 0
+    reads again at once. Create one per process and ``await close()`` at shutdown;
+    reader tasks also stop by themselves when they have no streams.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        connections: int = 1,
+        block_ms: int = DEFAULT_BLOCK_MS,
+        count: int = DEFAULT_COUNT,
+        min_read_interval: float = 0.0,
+        coalesce: bool = True,
+    ) -> None:
+        if connections < 1:
+            raise ValueError("connections must be at least 1")
+        self.redis = redis
+        self.id = secrets.token_hex(8)
+        self.block_ms = block_ms
+        self.count = count
+        self.min_read_interval = min_read_interval
+        self.coalesce = coalesce
+        self._shards = [_Shard(self, i) for i in range(connections)]
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def streams(self) -> int:
+        """Streams being read right now."""
+        return sum(len(shard.subs) for shard in self._shards)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def read_events(self, request_id: str, silence_limit: float) -> AsyncIterator[StreamEvent]:
+        """Yield the request's events (``start``, ``token``, then ``done`` or ``error``)
+        as they arrive; heartbeats are consumed here, and tokens read together come
+        as one ``token`` event.
+
+        Before a generator has started the job, waiting is unbounded (the caller owns
+        the deadline). After it started, ``silence_limit`` seconds without any entry
+        raise :class:`~services.api.relay.GeneratorLost`. A failed read raises its
+        ``RedisError`` in every stream it covered.
+        """
+        key = stream_key(request_id).encode()
+        sub = _Subscription(key)
+        shard = min(self._shards, key=lambda s: len(s.subs))
+        shard.add(sub)
+        try:
+            started = False
+            last_seen = time.monotonic()
+            while True:
+                timeout = silence_limit - (time.monotonic() - last_seen) if started else None
+                entries = await sub.take(None if timeout is None else max(0.0, timeout))
+                now = time.monotonic()
+                if not entries:
+                    if started and now - last_seen >= silence_limit:
+                        raise GeneratorLost(f"the generator wrote nothing for {now - last_seen:.1f}s")
+                    continue
+                last_seen = now
+                text: list[str] = []
+                for _entry_id, fields in entries:
+                    event = StreamEvent.from_fields(fields)
+                    if event.type is EventType.TOKEN and self.coalesce:
+                        text.append(event.text)
+                        continue
+                    if text:
+                        yield StreamEvent(EventType.TOKEN, text="".join(text))
+                        text = []
+                    if event.type is EventType.HEARTBEAT:
+                        continue
+                    if event.type is EventType.START:
+                        started = True
+                    yield event
+                    if event.is_terminal:
+                        return
+                if text:
+                    yield StreamEvent(EventType.TOKEN, text="".join(text))
+        finally:
+            shard.remove(sub)
+
+    async def close(self) -> None:
+        """Stop the reader tasks and remove the wake streams."""
+        for shard in self._shards:
+            await shard.close()
+        for task in list(self._background):
+            task.cancel()
+        try:
+            await self.redis.delete(*(shard.wake_key for shard in self._shards))
+        except RedisError:
+            logger.warning("removing the stream reader's wake streams failed", exc_info=True)
+
+
+#: The shared reader of each Redis client, for the module-level ``read_events``.
+_SHARED: weakref.WeakKeyDictionary[Redis, StreamReader] = weakref.WeakKeyDictionary()
+
+
+def shared_reader(redis: Redis) -> StreamReader:
+    """The process-wide reader that uses ``redis``'s pool (created on first use)."""
+    reader = _SHARED.get(redis)
+    if reader is None:
+        reader = _SHARED[redis] = StreamReader(redis)
+    return reader
+
+
+def read_events(redis: Redis, request_id: str, silence_limit: float) -> AsyncIterator[StreamEvent]:
+    """Drop-in replacement for ``relay.read_events``: the same events and errors,
+    read by the shared multiplexing reader of ``redis``."""
+    return shared_reader(redis).read_events(request_id, silence_limit)

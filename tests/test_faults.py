@@ -1,0 +1,141 @@
+"""Faults provoked for real: killed processes, dropped connections, a stopped Redis,
+deadlines. Nothing may hang, leak a permit, or fire a callback twice."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from datetime import datetime
+
+import httpx
+
+from services.common.contract import stream_key
+from services.common.semaphore import GENERATIONS
+from tests.apps.recording_app import CALLBACKS_KEY
+from tests.conftest import synthetic_generator_env
+from tests.support.client import stream_chat
+from tests.support.processes import eventually
+
+
+def callbacks(stack) -> list[str]:
+    return [e.decode() for e in stack.redis.lrange(CALLBACKS_KEY, 0, -1)]
+
+
+def log_time(log: str, pattern: str) -> float:
+    """Timestamp of the first log line matching ``pattern``."""
+    match = re.search(r"^(\S+ \S+) .*" + pattern, log, re.M)
+    assert match, f"no log line matches {pattern!r}"
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+async def test_disconnect_mid_stream_stops_generation_within_half_a_second(stack):
+    rate = 40
+    generator = stack.generator(synthetic_generator_env(tokens_per_second=rate, MAX_NEW_TOKENS="400"))
+    api = stack.api(app="tests.apps.recording_app:app")
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+        reply = await stream_chat(client, "/chat_stream", {"user_input": "w"}, stop_after_chunks=10)
+    disconnected_at = time.time()
+    request_id = reply.request_id
+    await eventually(lambda: f"request {request_id} finished" in generator.log(), 5, "the generation to stop")
+    stopped_at = log_time(generator.log(), f"request {request_id} finished: cancelled")
+    assert stopped_at - disconnected_at < 0.5
+    tokens = int(re.search(rf"request {request_id} finished: cancelled \((\d+) tokens\)", generator.log()).group(1))
+    # At 40 tokens/s, half a second is 20 tokens; the client had received about 10.
+    assert tokens - len(reply.chunks) < 0.5 * rate
+    await eventually(lambda: f"{request_id} client_disconnected_while_streaming" in callbacks(stack), 5, "callback")
+    assert not stack.redis.exists(stream_key(request_id))
+    assert stack.redis.zcard(GENERATIONS.holders) == 0
+
+
+async def test_generator_killed_mid_stream_ends_the_stream_with_an_error_within_3s(stack):
+    gen_env = synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="400")
+    generator = stack.generator(gen_env)
+    api = stack.api({"MAX_CONCURRENT_GENERATIONS": "1"}, app="tests.apps.recording_app:app")
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+        for sse in (True, False):
+            reply_task = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "x"}, sse=sse))
+            await eventually(lambda: "started" in generator.log(), 5, "the generation to start")
+            await asyncio.sleep(0.5)
+            generator.stop(signal.SIGKILL)
+            killed_at = time.monotonic()
+            reply = await asyncio.wait_for(reply_task, 10)
+            assert time.monotonic() - killed_at < 3.0
+            assert reply.chunks, "tokens had reached the client before the kill"
+            if sse:
+                name, data = reply.sse_events()[-1]
+                assert name == "error" and data["code"] == "generator_lost"
+            else:
+                # Plain text: cut off without the final chunk, unlike a success.
+                assert isinstance(reply.error, httpx.RemoteProtocolError)
+            await eventually(lambda: f"{reply.request_id} unknown_error_occurred" in callbacks(stack), 5, "callback")
+            await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) == 0, 2, "the permit to return")
+            # The job is not silently re-run to a client that already got tokens.
+            generator = stack.generator(gen_env)
+            await asyncio.sleep(0.5)
+            assert f"request {reply.request_id} started" not in generator.log()
+
+
+async def test_sigterm_drains_running_streams_then_exits_cleanly(stack):
+    env = synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="40", DRAIN_SECONDS="30")
+    leaving = stack.generator(env)
+    api = stack.api({"MAX_CONCURRENT_GENERATIONS": "4"})
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+        running = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "finish me"}, sse=True))
+        await eventually(lambda: "started" in leaving.log(), 5, "the generation to start")
+        leaving.proc.send_signal(signal.SIGTERM)  # Kubernetes scale-in
+        await eventually(lambda: stack.redis.zscore("chatstream:generators", leaving.worker_id) is None, 3, "unregistering")
+        # A request sent during the drain is not taken by the draining pod...
+        later = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "later"}, sse=True))
+        reply = await running
+        assert reply.sse_events()[-1][0] == "done"
+        assert reply.sse_events()[-1][1]["usage"]["completion_tokens"] == 40
+        assert leaving.proc.wait(10) == 0
+        # ...but by the next one.
+        stack.generator(synthetic_generator_env(tokens_per_second=100, MAX_NEW_TOKENS="3"))
+        later_reply = await asyncio.wait_for(later, 15)
+    assert later_reply.sse_events()[-1][0] == "done"
+    assert "request " + later_reply.request_id + " started" not in leaving.log()
+
+
+async def test_request_deadline_ends_the_request_and_stops_generation(stack):
+    generator = stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="400"))
+    api = stack.api({"REQUEST_TIMEOUT_SECONDS": "1.5"}, app="tests.apps.recording_app:app")
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+        started = time.monotonic()
+        reply = await stream_chat(client, "/chat_stream", {"user_input": "too slow"}, sse=True)
+        elapsed = time.monotonic() - started
+    name, data = reply.sse_events()[-1]
+    assert name == "error" and data["code"] == "request_timeout"
+    assert 1.4 < elapsed < 3
+    await eventually(lambda: f"request {reply.request_id} finished: cancelled" in generator.log(), 3, "generation to stop")
+    await eventually(lambda: f"{reply.request_id} unknown_error_occurred" in callbacks(stack), 5, "callback")
+    assert stack.redis.zcard(GENERATIONS.holders) == 0
+
+
+async def test_redis_outage_fails_fast_and_the_service_recovers_without_restart(private_stack):
+    stack = private_stack
+    generator = stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="400"))
+    api = stack.api()
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+        open_stream = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "open"}, sse=True))
+        await eventually(lambda: "started" in generator.log(), 5, "a stream to be open")
+        stack.redis_server.stop()
+        # The open stream ends with an error, not a hang.
+        reply = await asyncio.wait_for(open_stream, 5)
+        name, data = reply.sse_events()[-1]
+        assert name == "error" and data["code"] == "redis_unavailable"
+        # New requests are refused at once with a clear JSON error.
+        started = time.monotonic()
+        refused = await client.post("/chat_stream", json={"user_input": "while down"})
+        assert time.monotonic() - started < 1.0
+        assert refused.status_code == 503 and refused.json()["error"] == "redis_unavailable"
+        assert (await client.get("/readyz")).status_code == 503
+        await asyncio.sleep(1.0)
+        stack.redis_server.start()  # Redis returns (empty: it kept no data)
+        # Both processes are still the same ones, and serve again.
+        await eventually(lambda: stack.redis.zcard("chatstream:generators") == 1, 10, "the generator to re-register")
+        after = await stream_chat(client, "/chat_stream", {"user_input": "back again"}, sse=True)
+    assert after.sse_events()[-1][0] == "done"
+    assert api.alive() and generator.alive()
