@@ -176,8 +176,10 @@ class RelayResponse(Response):
                     await self._start(send, progress)
                     await send({"type": "http.response.body", "body": body, "more_body": True})
             elif event.type is EventType.TOKEN:
-                await self._start(send, progress)
-                await send({"type": "http.response.body", "body": self._framer.token(event.text), "more_body": True})
+                body = self._framer.token(event.text)
+                if body:  # a buffering framer (a non-streaming reply) sends nothing yet
+                    await self._start(send, progress)
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
                 if progress.tokens_sent == 0:
                     trace.get_current_span().add_event("first_token")
                 progress.tokens_sent += 1

@@ -1,0 +1,153 @@
+"""The path every generation request takes through the API pod, whatever its
+front door (``/chat_stream``, the OpenAI-compatible routes, the web page):
+
+admit (``admission``) → enqueue for a generator (``enqueue``) → relay its Redis
+Stream (``relay``, ``response``) → release the permit, clean up, fire the
+callback (``outcome``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from arq.connections import ArqRedis
+from opentelemetry import trace
+from redis.exceptions import RedisError
+from starlette.requests import Request
+
+from services.api.admission import Admission, QueueTimeout, Ticket
+from services.api.enqueue import JobQueue
+from services.api.errors import ApiError
+from services.api.framing import Framer
+from services.api.outcome import Callback, CallbackMessage, invoke_callback
+from services.api.relay import GeneratorLost, delete_stream, read_events
+from services.api.response import Queued, RelayProgress, RelayResponse, StreamFailed
+from services.api.settings import ApiSettings
+from services.common.contract import ChatMessage, EventType, GenerationJob, SamplingParams, StreamEvent
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+
+#: Called with the whole reply once generation succeeded, before the client sees
+#: the end of the response (e.g. to record the turn in the session).
+OnReply = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate, and for whom."""
+
+    request_id: str
+    messages: list[ChatMessage]
+    sampling: SamplingParams
+
+
+class GenerationService:
+    """Admission, enqueueing and relaying, shared by every endpoint of a process."""
+
+    def __init__(self, settings: ApiSettings, redis: ArqRedis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.queue = JobQueue(redis)
+        self.admission = Admission(
+            redis,
+            limit=settings.max_concurrent_generations,
+            max_queue_size=settings.max_queue_size,
+            lease_seconds=settings.lease_seconds,
+            queue_timeout=settings.queue_timeout_seconds,
+            retry_after_seconds=settings.retry_after_seconds,
+        )
+
+    async def close(self) -> None:
+        """Stop background listeners."""
+        await self.admission.close()
+
+    async def admit(self, request_id: str) -> Ticket:
+        """First admission attempt, before any response starts: raises
+        :class:`ApiError` 429 when the wait queue is full, 503 when Redis is down."""
+        try:
+            return await self.admission.enter(request_id)
+        except RedisError as exc:
+            raise ApiError(503, "redis_unavailable", f"admission control is unreachable: {exc}") from None
+
+    def respond(
+        self,
+        request: Request,
+        generation: GenerationRequest,
+        ticket: Ticket,
+        *,
+        framer: Framer,
+        send_headers_early: bool,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        on_reply: OnReply | None = None,
+        callback: Callback | None = None,
+    ) -> RelayResponse:
+        """The streaming response for an admitted ``generation``.
+
+        ``callback(request, message)`` fires exactly once, after the response ended.
+        """
+        request_id = generation.request_id
+        request.state.request_id = request_id
+        span = trace.get_current_span()
+        span.set_attribute("chat.request_id", request_id)
+
+        async def events() -> AsyncIterator[StreamEvent | Queued]:
+            try:
+                async for position in ticket.wait():
+                    yield Queued(position)
+                span.set_attribute("chat.queue_wait_ms", (ticket.acquired_at - ticket.entered_at) * 1000)
+                span.set_attribute("chat.fencing_token", ticket.lease.fencing_token)
+                await self.queue.enqueue(
+                    GenerationJob(
+                        request_id=request_id,
+                        messages=generation.messages,
+                        sampling=generation.sampling,
+                        lease=ticket.lease,
+                    )
+                )
+            except QueueTimeout as exc:
+                raise StreamFailed("queue_timeout", str(exc)) from None
+            except RedisError as exc:
+                raise StreamFailed("redis_unavailable", f"the job queue is unreachable: {exc}") from None
+            parts: list[str] = []
+            try:
+                async for event in read_events(self.redis, request_id, self.settings.generator_silence_seconds):
+                    if event.type is EventType.TOKEN:
+                        parts.append(event.text)
+                    elif event.type is EventType.DONE and on_reply is not None:
+                        # Before the client sees the end, so that whatever it sends next
+                        # (say, a regenerate) finds the reply already recorded.
+                        await on_reply("".join(parts))
+                    yield event
+            except GeneratorLost as exc:
+                raise StreamFailed("generator_lost", f"the generator stopped responding: {exc}") from None
+            except RedisError as exc:
+                raise StreamFailed("redis_unavailable", f"lost the connection to Redis: {exc}") from None
+
+        async def finish(message: CallbackMessage, progress: RelayProgress) -> None:
+            span.set_attribute("chat.callback_message", message.value)
+            try:
+                if progress.done is None:
+                    # Stop the generation before its permit goes to someone else.
+                    never_ran = await self.queue.withdraw(request_id)
+                    span.set_attribute("chat.withdrawn_before_start", never_ran)
+            except RedisError:
+                logger.exception("withdrawing request %s failed; its lease will expire", request_id)
+            await ticket.release()
+            try:
+                await delete_stream(self.redis, request_id)
+            except RedisError:
+                logger.exception("deleting the stream of %s failed; it expires by itself", request_id)
+            await invoke_callback(callback, request, message)
+
+        return RelayResponse(
+            event_source=events,
+            framer=framer,
+            headers=[(REQUEST_ID_HEADER.encode(), request_id.encode()), *(headers or [])],
+            send_headers_early=send_headers_early,
+            finish=finish,
+            deadline_seconds=self.settings.request_timeout_seconds,
+        )
