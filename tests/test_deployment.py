@@ -95,6 +95,7 @@ SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         {"api.sessionSecret.existingSecret": "mine", "redis.bundled.auth.existingSecret": "mine", "serviceAccount.create": False},
         (),
     ),
+    "api-keys-from-a-secret": ({"api.apiKeys.existingSecret": "chat-api-keys"}, ()),
 }
 
 
@@ -283,6 +284,20 @@ def test_redis_url_follows_bundled_or_external_redis(rendered) -> None:
     assert api_env["SESSION_SECRET"] == {"secretKeyRef": {"name": "mine", "key": "SESSION_SECRET"}}
     assert api_env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "mine", "key": "REDIS_PASSWORD"}}
     assert "Secret" not in kinds(rendered["existing-secrets"])
+
+
+def test_api_keys_secret_is_mounted_as_the_keys_file(rendered) -> None:
+    objects = rendered["api-keys-from-a-secret"]
+    spec = pod_spec(objects, "api")
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "api-keys"]
+    assert volume["secret"]["secretName"] == "chat-api-keys"
+    (mount,) = [m for m in container(objects, "api")["volumeMounts"] if m["name"] == "api-keys"]
+    env = container_env(objects, deployment(objects, "api"), "api")
+    assert env["API_KEYS_FILE"] == mount["mountPath"] + "/API_KEYS"
+    assert "subPath" not in mount, "a subPath mount never sees a rotated Secret"
+    defaults = rendered["defaults"]
+    assert container_env(defaults, deployment(defaults, "api"), "api")["API_KEYS_FILE"] == ""
+    assert container_env(defaults, deployment(defaults, "api"), "api")["ENVIRONMENT"] == "production"
 
 
 def test_external_redis_without_a_host_is_refused() -> None:

@@ -72,3 +72,12 @@ def test_text_that_only_looks_like_a_stop_string_is_released_at_the_end(tokenize
     pieces, detok = detokenize(tokenizer, "ends with \nUse", stop=["\nUser:"])
     assert "".join(pieces) == "ends with \nUse"
     assert not detok.stopped
+
+
+def test_a_generator_accepts_jobs_from_a_newer_api_during_a_rolling_upgrade():
+    data = GenerationJob(request_id=new_request_id(), messages=[ChatMessage("user", "hi")]).to_dict()
+    data["sampling"]["a_knob_from_the_future"] = 3
+    data["messages"][0]["name"] = "someone"
+    job = GenerationJob.from_dict(data)
+    assert job.messages == [ChatMessage("user", "hi")]
+    assert job.sampling == SamplingParams()

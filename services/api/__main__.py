@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
+
+from pydantic import ValidationError
 
 from services.api.settings import ApiSettings
 from services.common.settings import describe_settings
+from services.common.logs import setup_logging
 from services.common.telemetry import setup_tracing
 
 
@@ -21,18 +23,30 @@ def main(argv: list[str] | None = None) -> None:
         + describe_settings(ApiSettings),
     )
     parser.parse_args(argv)
-    settings = ApiSettings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = ApiSettings()
+    except ValidationError as exc:
+        problems = "\n".join(f"  {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        parser.exit(2, f"python -m services.api: refusing to start, invalid settings:\n{problems}\n")
+    setup_logging(settings.log_level, settings.log_format)
     setup_tracing("chatstream-api")
 
     import uvicorn
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     from services.api.app import create_app
+    from services.api.auth import trace_sanitized_headers
 
-    app = create_app(settings)
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz")
-    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level=settings.log_level.lower())
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        parser.exit(2, f"python -m services.api: refusing to start: {exc}\n")
+    # Credentials stay out of traces even if header capture is turned on by OTEL_* variables.
+    FastAPIInstrumentor.instrument_app(
+        app, excluded_urls="healthz,readyz,metrics", http_capture_headers_sanitize_fields=trace_sanitized_headers()
+    )
+    # log_config=None: uvicorn's own loggers go through ours (JSON lines in production).
+    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None)
 
 
 if __name__ == "__main__":

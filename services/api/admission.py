@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from redis.asyncio import Redis
 
 from services.api.errors import ApiError
+from services.common.pubsub import listen_forever
 from services.common.contract import Lease
 from services.common.semaphore import GENERATIONS, AcquireResult, AcquireStatus, RedisSemaphore
 
@@ -47,21 +48,11 @@ class ReleaseNotifier:
                 await asyncio.wait_for(self._changed.wait(), timeout)
 
     async def _listen(self) -> None:
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._channel)
-                async for _ in pubsub.listen():
-                    async with self._changed:
-                        self._changed.notify_all()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.warning("release notifications lost; waiters fall back to polling", exc_info=True)
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        await listen_forever(self._redis, self._channel, notify)
 
     async def close(self) -> None:
         """Stop listening."""

@@ -1,7 +1,8 @@
 """The FastAPI app that ``python -m services.api`` serves.
 
 It is built only from the public pieces a user would use in their own app:
-``ChatStream`` and the health checks.
+``ChatStream``, the health checks and the metrics endpoint, the OpenAI-compatible
+routes, the web page, and the API-key and CORS middlewares.
 """
 
 from __future__ import annotations
@@ -11,24 +12,48 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
+from services.api.auth import ApiKeyMiddleware, ApiKeys
 from services.api.chat_stream import ChatStream
 from services.api.health import liveness, readiness
-from services.api.outcome import CallbackMessage
-from services.api.settings import ApiSettings
+from services.api.metrics import metrics_response
+from services.api.openai_compat import OpenAICompat, add_openai_routes
+from services.api.settings import ApiSettings, Environment
+from services.api.validation import ChatStreamRequest
+from services.api.web import add_web_page
 
-logger = logging.getLogger("services.api.requests")
+logger = logging.getLogger(__name__)
 
 
-def log_outcome(request: Request, message: CallbackMessage) -> None:
-    """Default callback: one log line per finished request."""
-    logger.info("chat_stream %s finished: %s", getattr(request.state, "request_id", "-"), message.value)
+#: The route reads its body itself (ChatStream's API takes the raw request), so its
+#: contract is declared here for the OpenAPI schema and the tools that read it.
+CHAT_STREAM_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ChatStreamRequest.model_json_schema()}},
+    },
+    "responses": {
+        "200": {
+            "description": "The reply, streamed: plain text deltas, SSE events, or ChatStream framing.",
+            "content": {"text/plain": {}, "text/event-stream": {}},
+        },
+        "4XX": {"description": "Bad input, full queue: JSON {error, message}.", "content": {"application/json": {}}},
+    },
+}
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
-    """Build the service's app (OpenTelemetry instrumentation is added by the caller)."""
-    chat_stream = ChatStream(settings or ApiSettings())
+    """Build the service's app (OpenTelemetry instrumentation is added by the caller).
+
+    Raises ``ValueError`` for unusable settings (e.g. an unreadable ``API_KEYS_FILE``).
+    """
+    settings = settings or ApiSettings()
+    keys = ApiKeys.from_settings(settings)
+    if settings.environment is Environment.PRODUCTION and not keys.enabled:
+        logger.warning("ENVIRONMENT=production without API_KEYS or API_KEYS_FILE: anyone who reaches the API may use it")
+    chat_stream = ChatStream(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -37,9 +62,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="chatstream", lifespan=lifespan)
 
-    @app.post("/chat_stream")
+    @app.post("/chat_stream", openapi_extra=CHAT_STREAM_OPENAPI)
     async def chat_stream_route(request: Request) -> Response:
-        return await chat_stream.handle_chat_stream_request(request, callback=log_outcome)
+        return await chat_stream.handle_chat_stream_request(request)
 
     @app.post("/clear_context")
     async def clear_context(request: Request) -> Response:
@@ -53,4 +78,24 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def readyz() -> Response:
         return await readiness(chat_stream.redis)
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return await metrics_response(chat_stream.redis, chat_stream.generation.admission.semaphore)
+
+    add_openai_routes(app, OpenAICompat(chat_stream.generation, settings))
+    add_web_page(app)
+
+    # The last middleware added runs first: CORS answers preflights (which carry no
+    # key) before the key check, and its headers reach 401s too.
+    app.add_middleware(ApiKeyMiddleware, keys=keys)
+    origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "accept"],
+            expose_headers=["x-request-id", "retry-after"],
+            max_age=600,
+        )
     return app

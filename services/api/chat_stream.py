@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from services.api import metrics
 from services.api.errors import ApiError
 from services.api.framing import ChatStreamFramer, Framer, PlainTextFramer, SseFramer
 from services.api.generation import GenerationRequest, GenerationService
@@ -29,7 +30,7 @@ from services.api.outcome import Callback
 from services.api.response import RelayResponse
 from services.api.sessions import SessionStore, Turn, turns_to_messages
 from services.api.settings import ApiSettings, ResponseFormat
-from services.api.validation import parse_chat_request
+from services.api.validation import check_body_size, parse_chat_request, read_body
 from services.common.contract import ChatMessage, SamplingParams, new_request_id
 from services.common.redis_client import arq_redis_from_url
 
@@ -70,7 +71,11 @@ class ChatStream:
         ``Retry-After``).
         """
         try:
-            body = request_body if request_body is not None else await request.body()
+            if request_body is None:
+                body = await read_body(request, self.settings.max_body_bytes)
+            else:
+                body = request_body
+                check_body_size(body, self.settings.max_body_bytes)
             chat_request = parse_chat_request(body, self.settings.max_input_chars)
             session_id, new_session = self.sessions.session_id(request)
             try:
@@ -82,6 +87,7 @@ class ChatStream:
             request_id = new_request_id()
             ticket = await self.generation.admit(request_id)
         except ApiError as error:
+            metrics.count_refused(error.status)
             return error.to_response()
 
         if chat_request.regenerate:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from services.api.errors import ApiError
+
 CHATSTREAM_EOS = "<::EOS::>"
 
 
@@ -39,6 +41,12 @@ class Framer:
     def error(self, code: str, message: str) -> bytes | None:
         """Bytes that report an error in-band, or None to abort the response."""
         return None
+
+    def error_response(self, status: int, code: str, message: str) -> tuple[bytes, str]:
+        """Body and content type of an error that happens before any byte was sent
+        (an ordinary HTTP error with ``status``): ``{"error": code, "message": ...}``."""
+        response = ApiError(status, code, message).to_response()
+        return bytes(response.body), "application/json"
 
 
 class PlainTextFramer(Framer):

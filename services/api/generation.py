@@ -9,25 +9,32 @@ callback (``outcome``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from arq.connections import ArqRedis
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from redis.exceptions import RedisError
 from starlette.requests import Request
 
+from services.api import metrics
 from services.api.admission import Admission, QueueTimeout, Ticket
 from services.api.enqueue import JobQueue
 from services.api.errors import ApiError
 from services.api.framing import Framer
 from services.api.outcome import Callback, CallbackMessage, invoke_callback
-from services.api.relay import GeneratorLost, delete_stream, read_events
+from services.api.relay import GeneratorLost, delete_stream
 from services.api.response import Queued, RelayProgress, RelayResponse, StreamFailed
 from services.api.settings import ApiSettings
+from services.api.stream_reader import StreamReader
+from services.common.logs import request_id_var
 from services.common.contract import ChatMessage, EventType, GenerationJob, SamplingParams, StreamEvent
 
 logger = logging.getLogger(__name__)
+tracer = trace.get_tracer("services.api")
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -52,6 +59,9 @@ class GenerationService:
         self.settings = settings
         self.redis = redis
         self.queue = JobQueue(redis)
+        # One multiplexed reader for all the streams this process relays: a few Redis
+        # connections however many clients are connected.
+        self.reader = StreamReader(redis)
         self.admission = Admission(
             redis,
             limit=settings.max_concurrent_generations,
@@ -62,8 +72,9 @@ class GenerationService:
         )
 
     async def close(self) -> None:
-        """Stop background listeners."""
+        """Stop background listeners and readers."""
         await self.admission.close()
+        await self.reader.close()
 
     async def admit(self, request_id: str) -> Ticket:
         """First admission attempt, before any response starts: raises
@@ -91,15 +102,27 @@ class GenerationService:
         """
         request_id = generation.request_id
         request.state.request_id = request_id
+        request_id_var.set(request_id)
         span = trace.get_current_span()
         span.set_attribute("chat.request_id", request_id)
+        # The stages below get spans of their own, children of the server span. They
+        # are started and ended explicitly: a span made "current" across the yields
+        # of an async generator would leak into the code that consumes it.
+        parent = otel_context.get_current()
+        relay_span: trace.Span | None = None
 
         async def events() -> AsyncIterator[StreamEvent | Queued]:
+            nonlocal relay_span
+            wait_span = tracer.start_span(
+                "admission.wait", context=parent, attributes={"chat.queue_position": ticket.result.position}
+            )
             try:
                 async for position in ticket.wait():
                     yield Queued(position)
-                span.set_attribute("chat.queue_wait_ms", (ticket.acquired_at - ticket.entered_at) * 1000)
-                span.set_attribute("chat.fencing_token", ticket.lease.fencing_token)
+                wait = ticket.acquired_at - ticket.entered_at
+                metrics.QUEUE_WAIT.observe(wait)
+                wait_span.set_attribute("chat.fencing_token", ticket.lease.fencing_token)
+                span.set_attribute("chat.queue_wait_ms", wait * 1000)
                 await self.queue.enqueue(
                     GenerationJob(
                         request_id=request_id,
@@ -109,18 +132,30 @@ class GenerationService:
                     )
                 )
             except QueueTimeout as exc:
+                wait_span.set_status(Status(StatusCode.ERROR, str(exc)))
                 raise StreamFailed("queue_timeout", str(exc)) from None
             except RedisError as exc:
                 raise StreamFailed("redis_unavailable", f"the job queue is unreachable: {exc}") from None
+            finally:
+                wait_span.end()
+            relay_span = tracer.start_span("relay", context=parent, attributes={"chat.request_id": request_id})
             parts: list[str] = []
             try:
-                async for event in read_events(self.redis, request_id, self.settings.generator_silence_seconds):
-                    if event.type is EventType.TOKEN:
+                async for event in self.reader.read_events(request_id, self.settings.generator_silence_seconds):
+                    if event.type is EventType.START:
+                        relay_span.set_attribute("chat.worker", event.worker)
+                    elif event.type is EventType.TOKEN:
+                        if not parts:
+                            relay_span.add_event("first_token")
                         parts.append(event.text)
-                    elif event.type is EventType.DONE and on_reply is not None:
-                        # Before the client sees the end, so that whatever it sends next
-                        # (say, a regenerate) finds the reply already recorded.
-                        await on_reply("".join(parts))
+                    elif event.type is EventType.DONE:
+                        relay_span.set_attribute("chat.finish_reason", event.finish_reason)
+                        relay_span.set_attribute("gen_ai.usage.input_tokens", event.prompt_tokens)
+                        relay_span.set_attribute("gen_ai.usage.output_tokens", event.completion_tokens)
+                        if on_reply is not None:
+                            # Before the client sees the end, so that whatever it sends
+                            # next (say, a regenerate) finds the reply already recorded.
+                            await on_reply("".join(parts))
                     yield event
             except GeneratorLost as exc:
                 raise StreamFailed("generator_lost", f"the generator stopped responding: {exc}") from None
@@ -129,6 +164,17 @@ class GenerationService:
 
         async def finish(message: CallbackMessage, progress: RelayProgress) -> None:
             span.set_attribute("chat.callback_message", message.value)
+            if relay_span is not None:
+                relay_span.set_attribute("chat.callback_message", message.value)
+                relay_span.set_attribute("chat.tokens_relayed", progress.tokens_sent)
+                if progress.error is not None:
+                    relay_span.set_status(Status(StatusCode.ERROR, progress.error.message))
+                relay_span.end()
+            metrics.REQUEST_DURATION.observe(time.monotonic() - response.accepted_at)
+            metrics.REQUESTS.labels(outcome=message.value).inc()
+            metrics.CALLBACKS.labels(message=message.value).inc()
+            if progress.error is not None:
+                metrics.ERRORS.labels(code=progress.error.code).inc()
             try:
                 if progress.done is None:
                     # Stop the generation before its permit goes to someone else.
@@ -141,9 +187,10 @@ class GenerationService:
                 await delete_stream(self.redis, request_id)
             except RedisError:
                 logger.exception("deleting the stream of %s failed; it expires by itself", request_id)
+            logger.info("request %s finished: %s", request_id, message.value)
             await invoke_callback(callback, request, message)
 
-        return RelayResponse(
+        response = RelayResponse(
             event_source=events,
             framer=framer,
             headers=[(REQUEST_ID_HEADER.encode(), request_id.encode()), *(headers or [])],
@@ -151,3 +198,4 @@ class GenerationService:
             finish=finish,
             deadline_seconds=self.settings.request_timeout_seconds,
         )
+        return response

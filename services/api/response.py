@@ -13,20 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from opentelemetry import trace
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from services.api.errors import ApiError
+from services.api import metrics
 from services.api.framing import Framer
 from services.api.outcome import CallbackMessage
 from services.common.contract import EventType, StreamEvent
 
 logger = logging.getLogger(__name__)
-tracer = trace.get_tracer("services.api")
 
 #: HTTP status for a generator error that happens before any byte was sent.
 _STATUS_FOR_CODE = {
@@ -63,6 +62,7 @@ class RelayProgress:
 
     headers_sent: bool = False
     tokens_sent: int = 0
+    last_token_at: float = 0.0
     done: StreamEvent | None = None
     error: StreamFailed | None = None
 
@@ -93,6 +93,7 @@ class RelayResponse(Response):
     ) -> None:
         super().__init__(media_type=framer.media_type)
         self._deadline_seconds = deadline_seconds
+        self.accepted_at = time.monotonic()
         self._event_source = event_source
         self._framer = framer
         self._headers = headers
@@ -180,8 +181,13 @@ class RelayResponse(Response):
                 if body:  # a buffering framer (a non-streaming reply) sends nothing yet
                     await self._start(send, progress)
                     await send({"type": "http.response.body", "body": body, "more_body": True})
+                now = time.monotonic()
                 if progress.tokens_sent == 0:
-                    trace.get_current_span().add_event("first_token")
+                    metrics.TIME_TO_FIRST_TOKEN.observe(now - self.accepted_at)
+                else:
+                    metrics.INTER_TOKEN_LATENCY.observe(now - progress.last_token_at)
+                metrics.TOKENS_RELAYED.inc(event.tokens)
+                progress.last_token_at = now
                 progress.tokens_sent += 1
             elif event.type is EventType.DONE:
                 progress.done = event
@@ -199,15 +205,20 @@ class RelayResponse(Response):
         assert error is not None
         try:
             if not progress.headers_sent:
-                response = ApiError(_STATUS_FOR_CODE.get(error.code, 500), error.code, error.message).to_response()
+                status = _STATUS_FOR_CODE.get(error.code, 500)
+                body, content_type = self._framer.error_response(status, error.code, error.message)
                 await send(
                     {
                         "type": "http.response.start",
-                        "status": response.status_code,
-                        "headers": [*response.raw_headers, *self._headers],
+                        "status": status,
+                        "headers": [
+                            (b"content-type", content_type.encode()),
+                            (b"content-length", str(len(body)).encode()),
+                            *self._headers,
+                        ],
                     }
                 )
-                await send({"type": "http.response.body", "body": response.body, "more_body": False})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
                 return True
             body = self._framer.error(error.code, error.message)
             if body is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 
 from services.common.settings import CommonSettings
 
@@ -16,9 +16,18 @@ class ResponseFormat(str, Enum):
     CHATSTREAM = "chatstream"  # ChatStream 0.3 framing: the whole reply so far + "<::EOS::>" per chunk
 
 
-#: Secret used when SESSION_SECRET is not set; fine on a laptop, refused by nobody
-#: yet (production-mode enforcement is part of the API-keys issue).
+class Environment(str, Enum):
+    """Where the pod runs: production refuses settings that are only fit for a laptop."""
+
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+#: Secret used when SESSION_SECRET is not set; fine on a laptop, refused in production.
 DEV_SESSION_SECRET = "chatstream-local-development-secret"
+
+#: Shortest SESSION_SECRET accepted in production.
+MIN_SESSION_SECRET_CHARS = 16
 
 
 class ApiSettings(CommonSettings):
@@ -29,11 +38,18 @@ class ApiSettings(CommonSettings):
     response_format: ResponseFormat = Field(
         ResponseFormat.PLAIN, description="Default framing of /chat_stream: plain or chatstream (SSE when the client sends Accept: text/event-stream)."
     )
+    environment: Environment = Field(
+        Environment.DEVELOPMENT,
+        description="development (a fixed session secret is fine) or production (refuse to start without a real SESSION_SECRET).",
+    )
     session_secret: str = Field(DEV_SESSION_SECRET, description="Key that signs session cookies.")
     session_cookie: str = Field("sid", description="Name of the session cookie.")
     session_ttl_seconds: int = Field(86400, ge=60, description="A session's history expires after this long unused.")
     history_max_turns: int = Field(20, ge=0, description="Most recent exchanges sent to the model as context.")
     system_prompt: str = Field("", description="Optional system message placed before every conversation.")
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="Largest request body accepted by /chat_stream (HTTP 413 beyond, refused before it is read whole)."
+    )
     max_input_chars: int = Field(8000, ge=1, description="Longest user_input accepted (HTTP 422 beyond).")
     max_concurrent_generations: int = Field(
         2, ge=1, description="Generation permits shared by all API pods (cluster-wide concurrency limit)."
@@ -54,3 +70,32 @@ class ApiSettings(CommonSettings):
     generator_silence_seconds: float = Field(
         2.5, gt=0.0, description="A started generation that writes nothing (not even a heartbeat) for this long is declared dead."
     )
+    model_name: str = Field(
+        "default", description="Model id reported by GET /v1/models and in OpenAI-style replies that name no model."
+    )
+    openai_max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest body accepted by POST /v1/chat/completions, which carries the whole conversation (HTTP 413 beyond)."
+    )
+    api_keys: SecretStr = Field(
+        "",  # type: ignore[assignment]  # validated into a SecretStr, so repr() and logs never show keys
+        validate_default=True,
+        description="Comma-separated API keys; when any is set, every route but health, readiness, metrics and the web page needs Authorization: Bearer <key>."
+    )
+    api_keys_file: str = Field(
+        "", description="File with more API keys, one per line (e.g. a mounted Kubernetes Secret); re-read when it changes."
+    )
+    cors_allow_origins: str = Field(
+        "", description="Comma-separated origins allowed to call the API from a browser (CORS); empty = CORS off, * = any."
+    )
+
+    @model_validator(mode="after")
+    def _production_needs_a_session_secret(self) -> ApiSettings:
+        """Production mode refuses the development secret (anyone could forge sessions with it)."""
+        if self.environment is Environment.PRODUCTION:
+            secret = self.session_secret.strip()
+            if secret == DEV_SESSION_SECRET or len(secret) < MIN_SESSION_SECRET_CHARS:
+                raise ValueError(
+                    "ENVIRONMENT=production needs SESSION_SECRET set to a random value of at least "
+                    f"{MIN_SESSION_SECRET_CHARS} characters (e.g. `openssl rand -hex 32`), not the development default"
+                )
+        return self

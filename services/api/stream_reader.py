@@ -295,7 +295,7 @@ class StreamReader:
                         text.append(event.text)
                         continue
                     if text:
-                        yield StreamEvent(EventType.TOKEN, text="".join(text))
+                        yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=len(text))
                         text = []
                     if event.type is EventType.HEARTBEAT:
                         continue
@@ -305,7 +305,7 @@ class StreamReader:
                     if event.is_terminal:
                         return
                 if text:
-                    yield StreamEvent(EventType.TOKEN, text="".join(text))
+                    yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=len(text))
         finally:
             shard.remove(sub)
 

@@ -6,14 +6,42 @@ import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
 
 from services.api.errors import ApiError
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed
+    ``max_bytes``: from ``Content-Length`` before reading anything, or while
+    reading a chunked body, so an oversized upload is never buffered whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(int(declared), max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise _too_large(len(body), max_bytes)
+    return bytes(body)
+
+
+def check_body_size(body: bytes, max_bytes: int) -> None:
+    """413 for a body the route already read."""
+    if len(body) > max_bytes:
+        raise _too_large(len(body), max_bytes)
+
+
+def _too_large(size: int, max_bytes: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"the request body is {size}+ bytes; at most {max_bytes} are accepted")
 
 
 class ChatStreamRequest(BaseModel):
     """Body of ``POST /chat_stream`` (the ChatStream 0.3 contract)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are refused (422 naming them): a typo like "regenrate" must not
+    # be silently ignored.
+    model_config = ConfigDict(extra="forbid")
 
     user_input: str = Field("", description="The user's message. May be empty only with regenerate=true.")
     regenerate: bool = Field(False, description="Drop the last reply and generate it again.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -69,6 +69,9 @@ class SamplingParams:
     top_k: int | None = None
     repetition_penalty: float | None = None
     stop: list[str] = field(default_factory=list)
+    #: Seeds this request's sampling, so the same request gives the same reply (on the
+    #: same generator, model and batch composition); ``None``: unseeded.
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -113,11 +116,18 @@ class GenerationJob:
         """Inverse of :meth:`to_dict`."""
         return cls(
             request_id=data["request_id"],
-            messages=[ChatMessage(**m) for m in data["messages"]],
-            sampling=SamplingParams(**data.get("sampling", {})),
+            messages=[ChatMessage(role=m["role"], content=m["content"]) for m in data["messages"]],
+            sampling=_known_fields(SamplingParams, data.get("sampling", {})),
             trace_context=dict(data.get("trace_context", {})),
             lease=Lease(**data["lease"]) if data.get("lease") else None,
         )
+
+
+def _known_fields(cls: type, data: dict[str, Any]) -> Any:
+    # A newer API may send fields an older generator does not know yet (during a
+    # rolling upgrade): ignore them rather than fail the job.
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
 
 
 class EventType(str, Enum):
@@ -157,6 +167,9 @@ class StreamEvent:
     code: str = ""
     message: str = ""
     worker: str = ""
+    #: Generator deltas a ``token`` event carries: the API's stream reader merges
+    #: deltas that arrive in one read into one event. Not on the wire.
+    tokens: int = 1
 
     def to_fields(self) -> dict[str, str]:
         """Encode as the field map of an ``XADD``, omitting empty fields."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -16,6 +18,9 @@ class CommonSettings(BaseSettings):
         description="Redis that carries the job queue, token streams, sessions and registrations.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line with request_id and trace_id; text: for humans."
+    )
 
 
 def describe_settings(settings_cls: type[BaseSettings]) -> str:

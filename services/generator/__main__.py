@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from services.common.settings import describe_settings
+from services.common.logs import setup_logging
 from services.common.telemetry import setup_tracing
 from services.generator.settings import GeneratorSettings
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.parse_args(argv)
     settings = GeneratorSettings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level, settings.log_format)
     if logging.getLogger().level > logging.DEBUG:
         # arq logs every job's arguments, which hold the user's conversation.
         logging.getLogger("arq.worker").setLevel(logging.WARNING)

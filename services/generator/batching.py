@@ -115,6 +115,7 @@ class Sequence:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     _processors: Any = field(default=None, init=False, repr=False)  # built on first use, in the decode thread
+    _generator: Any = field(default=None, init=False, repr=False)  # this request's own RNG when seeded
 
     @property
     def finished(self) -> bool:
@@ -134,7 +135,9 @@ class Sequence:
             ids = torch.tensor([self.prompt_ids + self.generated], device=logits.device)
             logits = self._processors(ids, logits)
         if self.sampling.temperature > 0:
-            token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+            if self.sampling.seed is not None and self._generator is None:
+                self._generator = torch.Generator(device=logits.device).manual_seed(self.sampling.seed)
+            token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=self._generator)
         else:
             token = torch.argmax(logits, dim=-1)
         return int(token.reshape(-1)[0])

@@ -43,6 +43,7 @@ class ResolvedSampling:
     top_k: int
     repetition_penalty: float
     stop: list[str]
+    seed: int | None = None
 
     @classmethod
     def resolve(cls, params: SamplingParams, settings: GeneratorSettings) -> ResolvedSampling:
@@ -57,6 +58,7 @@ class ResolvedSampling:
             if params.repetition_penalty is None
             else params.repetition_penalty,
             stop=list(params.stop) or list(settings.stop),
+            seed=params.seed,
         )
 
 
@@ -264,6 +266,14 @@ class TransformersEngine:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if do_sample and sampling.seed is not None:
+            # Seed the global generator for this request only: fork_rng restores the
+            # previous state afterwards (one request runs at a time on this thread).
+            devices = [self.device] if str(self.device).startswith("cuda") else []
+            with torch.random.fork_rng(devices=devices), torch.inference_mode():
+                torch.manual_seed(sampling.seed)
+                self.model.generate(**kwargs)
+            return
         with torch.inference_mode():
             self.model.generate(**kwargs)
 

@@ -18,7 +18,9 @@ from services.common.contract import (
     GenerationJob,
     StreamEvent,
 )
+from services.common.logs import request_id_var
 from services.common.telemetry import extract_context
+from services.generator import metrics
 from services.generator.engine import Engine, GenerationError, ResolvedSampling
 from services.generator.publisher import LeaseLost, StreamPublisher
 from services.generator.settings import GeneratorSettings
@@ -42,6 +44,7 @@ class JobRunner:
         with tracer.start_as_current_span(
             "generate", context=extract_context(job.trace_context), kind=SpanKind.CONSUMER
         ) as span:
+            request_id_var.set(job.request_id)
             span.set_attribute("chat.request_id", job.request_id)
             span.set_attribute("chat.worker", self._settings.worker_id)
             span.set_attribute("gen_ai.request.model", self._engine.model_id)
@@ -56,6 +59,7 @@ class JobRunner:
                 span.set_attribute("chat.finish_reason", refused)
                 return refused
             await publisher.start()
+            metrics.ACTIVE_JOBS.inc()
             cancel = threading.Event()
             watcher = asyncio.create_task(self._watch(job.request_id, cancel, publisher))
             logger.info("request %s started", job.request_id)
@@ -71,10 +75,12 @@ class JobRunner:
                     )
                 raise
             finally:
+                metrics.ACTIVE_JOBS.dec()
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watcher
             outcome = terminal.finish_reason or f"error:{terminal.code}"
+            metrics.JOBS.labels(outcome=outcome).inc()
             # Logged before the terminal entry is written: once the API reads it, the
             # permit goes to the next request, and this generation must be over by then.
             logger.info("request %s finished: %s (%d tokens)", job.request_id, outcome, terminal.completion_tokens)
@@ -91,11 +97,18 @@ class JobRunner:
         started = time.perf_counter()
         try:
             generation = self._engine.start(job.messages, sampling, cancel)
+            last_token_at = started
             async for delta in generation:
+                now = time.perf_counter()
                 if generation.first_token_at is None:
-                    generation.first_token_at = time.perf_counter()
+                    generation.first_token_at = now
                     span.add_event("first_token")
+                    metrics.TIME_TO_FIRST_TOKEN.observe(now - started)
+                else:
+                    metrics.TIME_PER_TOKEN.observe(now - last_token_at)
+                last_token_at = now
                 await publisher.token(delta)
+                metrics.TOKENS_GENERATED.inc()
         except GenerationError as exc:
             logger.info("request %s rejected by the engine: %s", job.request_id, exc.message)
             span.set_status(Status(StatusCode.ERROR, exc.message))

@@ -62,6 +62,7 @@ class GeneratorSettings(CommonSettings):
     )
     job_timeout_seconds: int = Field(600, ge=1, description="arq's hard limit on one job.")
     registration_ttl_seconds: float = Field(10.0, gt=0.0, description="A generator that stops renewing its registration is considered gone after this.")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Port of the Prometheus metrics endpoint (0 = off).")
     drain_seconds: float = Field(
         60.0, ge=0.0, description="On SIGTERM: stop taking jobs and let running streams finish for up to this long, then exit."
     )

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from typing import Any
 
 from arq import Worker
@@ -13,8 +14,10 @@ from arq.worker import func
 from redis.exceptions import RedisError
 
 from services.common.contract import GENERATE_FUNCTION, QUEUE_NAME, WAKE_CHANNEL, GenerationJob
+from services.common.pubsub import listen_forever
 from services.common.redis_client import arq_settings_from_url
 from services.common.registry import register_generator, unregister_generator
+from services.generator import metrics
 from services.generator.engine import create_engine
 from services.generator.job import JobRunner
 from services.generator.settings import GeneratorSettings
@@ -66,20 +69,11 @@ async def _generate(ctx: dict[str, Any], job: dict[str, Any]) -> str:
 
 async def _listen_for_wakeups(ctx: dict[str, Any]) -> None:
     wake: asyncio.Event = ctx["wake"]
-    while True:
-        pubsub = ctx["redis"].pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(WAKE_CHANNEL)
-            async for _ in pubsub.listen():
-                wake.set()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.warning("wake-up subscription lost; relying on polling until it is back", exc_info=True)
-            await asyncio.sleep(1.0)
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+
+    async def set_wake() -> None:
+        wake.set()
+
+    await listen_forever(ctx["redis"], WAKE_CHANNEL, set_wake)
 
 
 async def _keep_registered(ctx: dict[str, Any], settings: GeneratorSettings, worker: WakeableWorker) -> None:
@@ -105,7 +99,11 @@ def build_worker(settings: GeneratorSettings) -> WakeableWorker:
     engine_holder: dict[str, Any] = {}
 
     async def on_startup(ctx: dict[str, Any]) -> None:
+        metrics.serve_metrics(settings.metrics_port)
+        metrics.SLOTS.set(settings.generator_slots)
+        started = time.perf_counter()
         engine = await asyncio.to_thread(create_engine, settings)
+        metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - started)
         engine_holder["engine"] = engine
         ctx["runner"] = JobRunner(engine, ctx["redis"], settings)
         ctx["wake"] = worker.wake

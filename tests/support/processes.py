@@ -133,7 +133,9 @@ class Generator(Service):
     """A generator worker; waits until it has registered (model loaded)."""
 
     def __init__(self, name: str, env: dict[str, str], workdir: Path, redis_client: redis.Redis) -> None:
-        env = {"WORKER_ID": name, **env}
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        env = {"WORKER_ID": name, "METRICS_PORT": str(self.metrics_port), **env}
         super().__init__(name, ["-m", "services.generator"], env, workdir)
         self.worker_id = env["WORKER_ID"]
         wait_until(lambda: self._registered(redis_client), 120, f"{name} to register")

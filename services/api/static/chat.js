@@ -1,0 +1,215 @@
+// The chat page: streams replies from /chat_stream as server-sent events.
+// Events: queued {position}, token {text}, done {finish_reason, usage}, error {code, message}.
+// The conversation lives on the server, keyed by the HttpOnly `sid` cookie that fetch sends.
+"use strict";
+
+(() => {
+  const KEY_STORAGE = "chatstream.apiKey"; // per tab; gone when the tab closes
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    messages: $("messages"), empty: $("empty"), status: $("status"), composer: $("composer"),
+    input: $("input"), send: $("send"), stop: $("stop"), regenerate: $("regenerate"), clear: $("clear"),
+    keyPanel: $("key-panel"), keyForm: $("key-form"), key: $("api-key"),
+  };
+  let controller = null; // aborts the reply in flight
+  let lastReply = null; // the last assistant bubble, replaced by Regenerate
+  let afterKey = null; // what to retry once the user has entered an API key
+
+  function headers(extra) {
+    const result = { ...extra };
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    if (key) result.Authorization = `Bearer ${key}`;
+    return result;
+  }
+
+  function setStatus(text, isError = false) {
+    ui.status.textContent = text;
+    ui.status.classList.toggle("error", isError);
+  }
+
+  function setBusy(busy) {
+    ui.send.disabled = busy;
+    ui.clear.disabled = busy;
+    ui.stop.hidden = !busy;
+    if (busy) ui.regenerate.disabled = true;
+  }
+
+  function addBubble(role, text) {
+    ui.empty.hidden = true;
+    const bubble = document.createElement("div");
+    bubble.className = `msg ${role}`;
+    const body = document.createElement("span");
+    body.className = "text";
+    body.textContent = text;
+    bubble.append(body);
+    ui.messages.append(bubble);
+    bubble.scrollIntoView({ block: "end" });
+    return bubble;
+  }
+
+  function resetBubble(bubble) {
+    bubble.querySelector(".text").textContent = "";
+    bubble.querySelector(".error")?.remove();
+  }
+
+  function showError(bubble, text) {
+    const error = document.createElement("span");
+    error.className = "error";
+    error.textContent = text;
+    bubble.append(error);
+    bubble.classList.remove("streaming");
+    setStatus("The reply failed", true);
+  }
+
+  async function errorText(response) {
+    try {
+      const body = await response.json();
+      return `${body.message || body.error} (HTTP ${response.status})`;
+    } catch {
+      return `HTTP ${response.status} ${response.statusText}`;
+    }
+  }
+
+  // Yields {name, data} for each server-sent event of a fetch() response body.
+  async function* sseEvents(response) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let name = "message";
+        let data = "";
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) name = line.slice(6).trim();
+          else if (line.startsWith("data:")) data += line.slice(5).trim();
+        }
+        if (data) yield { name, data: JSON.parse(data) };
+      }
+    }
+  }
+
+  function askForKey(retry, message) {
+    afterKey = retry;
+    ui.keyPanel.hidden = false;
+    ui.key.focus();
+    setStatus(message, true);
+  }
+
+  async function generate(payload, bubble) {
+    resetBubble(bubble);
+    bubble.classList.add("streaming");
+    setBusy(true);
+    setStatus("Sending…");
+    controller = new AbortController();
+    let succeeded = false;
+    try {
+      const response = await fetch("/chat_stream", {
+        method: "POST",
+        headers: headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
+        body: JSON.stringify(payload),
+        credentials: "same-origin",
+        signal: controller.signal,
+      });
+      if (response.status === 401) {
+        bubble.classList.remove("streaming");
+        askForKey(() => generate(payload, bubble), "This server needs an API key.");
+        return;
+      }
+      if (!response.ok) {
+        showError(bubble, await errorText(response));
+        return;
+      }
+      const text = bubble.querySelector(".text");
+      let ended = false;
+      for await (const event of sseEvents(response)) {
+        if (event.name === "queued") {
+          setStatus(`Waiting in queue: position ${event.data.position}`);
+        } else if (event.name === "token") {
+          if (!text.textContent) setStatus("Generating…");
+          text.textContent += event.data.text;
+          bubble.scrollIntoView({ block: "end" });
+        } else if (event.name === "done") {
+          ended = succeeded = true;
+          const usage = event.data.usage;
+          setStatus(`Done: ${usage.completion_tokens} tokens (${event.data.finish_reason})`);
+        } else if (event.name === "error") {
+          ended = true;
+          showError(bubble, `${event.data.message} [${event.data.code}]`);
+        }
+      }
+      if (!ended) showError(bubble, "The connection closed before the reply was complete.");
+    } catch (error) {
+      if (error.name === "AbortError") setStatus("Stopped.");
+      else showError(bubble, `Could not reach the server: ${error.message}`);
+    } finally {
+      bubble.classList.remove("streaming");
+      controller = null;
+      setBusy(false);
+      // Only a finished reply is recorded on the server, so only it can be regenerated.
+      ui.regenerate.disabled = !succeeded;
+      ui.input.focus();
+    }
+  }
+
+  async function clearConversation() {
+    const response = await fetch("/clear_context", { method: "POST", headers: headers({}), credentials: "same-origin" });
+    if (response.status === 401) {
+      askForKey(clearConversation, "This server needs an API key.");
+      return;
+    }
+    if (!response.ok) {
+      setStatus(`Clearing failed: ${await errorText(response)}`, true);
+      return;
+    }
+    ui.messages.querySelectorAll(".msg").forEach((m) => m.remove());
+    ui.empty.hidden = false;
+    lastReply = null;
+    ui.regenerate.disabled = true;
+    setStatus("Conversation cleared.");
+  }
+
+  ui.composer.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = ui.input.value.trim();
+    if (!text || controller) return;
+    ui.input.value = "";
+    addBubble("user", text);
+    lastReply = addBubble("assistant", "");
+    generate({ user_input: text }, lastReply);
+  });
+
+  ui.input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey) {
+      event.preventDefault();
+      ui.composer.requestSubmit();
+    }
+  });
+
+  ui.regenerate.addEventListener("click", () => {
+    if (lastReply && !controller) generate({ user_input: "", regenerate: true }, lastReply);
+  });
+
+  ui.stop.addEventListener("click", () => controller?.abort());
+  ui.clear.addEventListener("click", clearConversation);
+
+  ui.keyForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = ui.key.value.trim();
+    if (!key) return;
+    sessionStorage.setItem(KEY_STORAGE, key);
+    ui.key.value = "";
+    ui.keyPanel.hidden = true;
+    setStatus("");
+    const retry = afterKey;
+    afterKey = null;
+    if (retry) retry();
+  });
+
+  ui.input.focus();
+})();

@@ -1,0 +1,35 @@
+"""Prometheus metrics of a generator pod, served on its own port (``METRICS_PORT``)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+TOKENS_GENERATED = Counter(
+    "chatstream_generator_tokens_generated_total", "Text deltas generated and published.", registry=REGISTRY
+)
+TIME_PER_TOKEN = Histogram(
+    "chatstream_generator_time_per_token_seconds",
+    "Time between two consecutive tokens of one generation (decode step as the client will see it).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "chatstream_generator_time_to_first_token_seconds",
+    "From starting a job to its first token (prompt processing).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+ACTIVE_JOBS = Gauge("chatstream_generator_active_jobs", "Generations running now.", registry=REGISTRY)
+JOBS = Counter("chatstream_generator_jobs_total", "Jobs by outcome (finish reason or error code).", ["outcome"], registry=REGISTRY)
+MODEL_LOAD_SECONDS = Gauge(
+    "chatstream_generator_model_load_seconds", "Time it took to load the model at start-up.", registry=REGISTRY
+)
+SLOTS = Gauge("chatstream_generator_slots", "Concurrent generations this pod accepts (GENERATOR_SLOTS).", registry=REGISTRY)
+
+
+def serve_metrics(port: int) -> None:
+    """Expose the metrics over HTTP on ``port`` (0 = do not serve), in a background thread."""
+    if port:
+        start_http_server(port, registry=REGISTRY)

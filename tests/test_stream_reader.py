@@ -1,0 +1,205 @@
+"""The multiplexing stream reader against a real Redis: many streams over a few
+connections, nothing lost or reordered, prompt pick-up of new streams, errors
+reaching every consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from services.api import stream_reader
+from services.api.relay import GeneratorLost
+from services.api.stream_reader import StreamReader
+from services.common.contract import EventType, StreamEvent, stream_key
+from tests.support.processes import free_port
+
+
+@pytest.fixture
+async def redis(redis_server) -> AsyncIterator[Redis]:
+    redis_server.client.flushall()
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+async def write(redis: Redis, request_id: str, event: StreamEvent) -> None:
+    await redis.xadd(stream_key(request_id), event.to_fields())
+
+
+async def collect(events: AsyncIterator[StreamEvent]) -> list[StreamEvent]:
+    return [event async for event in events]
+
+
+def token_text(events: list[StreamEvent]) -> str:
+    return "".join(e.text for e in events if e.type is EventType.TOKEN)
+
+
+async def test_many_interleaved_streams_arrive_complete_and_in_order(redis: Redis) -> None:
+    reader = StreamReader(redis, connections=2)
+    ids = [f"req{i}" for i in range(60)]
+    tokens = 40
+    consumers = [asyncio.create_task(collect(reader.read_events(rid, silence_limit=5))) for rid in ids]
+    await asyncio.sleep(0.05)
+    for rid in ids:
+        await write(redis, rid, StreamEvent(EventType.START, worker="w"))
+    rng = random.Random(7)
+    pending = {rid: 0 for rid in ids}
+    while pending:
+        rid = rng.choice(list(pending))
+        await write(redis, rid, StreamEvent(EventType.TOKEN, text=f"<{pending[rid]}>"))
+        pending[rid] += 1
+        if rng.random() < 0.05:
+            await write(redis, rid, StreamEvent(EventType.HEARTBEAT))
+        if pending[rid] == tokens:
+            await write(redis, rid, StreamEvent(EventType.DONE, finish_reason="length", completion_tokens=tokens))
+            del pending[rid]
+        if rng.random() < 0.1:
+            await asyncio.sleep(0)  # let the readers interleave with the writes
+    results = await asyncio.wait_for(asyncio.gather(*consumers), 20)
+    expected = "".join(f"<{i}>" for i in range(tokens))
+    for events in results:
+        assert events[0].type is EventType.START
+        assert events[-1].type is EventType.DONE and events[-1].completion_tokens == tokens
+        assert all(e.type is not EventType.HEARTBEAT for e in events)
+        assert token_text(events) == expected
+    assert reader.streams == 0
+    await reader.close()
+
+
+async def test_entries_written_before_the_read_began_are_not_lost(redis: Redis) -> None:
+    reader = StreamReader(redis)
+    await write(redis, "early", StreamEvent(EventType.START))
+    await write(redis, "early", StreamEvent(EventType.TOKEN, text="a"))
+    await write(redis, "early", StreamEvent(EventType.DONE, finish_reason="stop"))
+    events = await asyncio.wait_for(collect(reader.read_events("early", silence_limit=5)), 5)
+    assert [e.type for e in events] == [EventType.START, EventType.TOKEN, EventType.DONE]
+    await reader.close()
+
+
+async def test_tokens_read_together_come_as_one_event(redis: Redis) -> None:
+    reader = StreamReader(redis)
+    await write(redis, "burst", StreamEvent(EventType.START))
+    for word in ["one", " two", " three"]:
+        await write(redis, "burst", StreamEvent(EventType.TOKEN, text=word))
+    await write(redis, "burst", StreamEvent(EventType.DONE, finish_reason="stop"))
+    events = await asyncio.wait_for(collect(reader.read_events("burst", silence_limit=5)), 5)
+    assert [(e.type, e.text) for e in events[:2]] == [(EventType.START, ""), (EventType.TOKEN, "one two three")]
+    assert events[2].type is EventType.DONE
+    await reader.close()
+
+
+async def test_stream_added_while_a_read_is_blocked_is_picked_up_promptly(redis: Redis) -> None:
+    # A 30 s block: only the wake-up can make the new stream's first entry arrive in time.
+    reader = StreamReader(redis, block_ms=30_000)
+    first = reader.read_events("first", silence_limit=60)
+    first_task = asyncio.create_task(anext(first))
+    await asyncio.sleep(0.2)  # the reader is now blocked on "first" alone
+    second = reader.read_events("second", silence_limit=60)
+    second_task = asyncio.create_task(anext(second))
+    await asyncio.sleep(0.05)
+    sent = time.monotonic()
+    await write(redis, "second", StreamEvent(EventType.START))
+    event = await asyncio.wait_for(second_task, 5)
+    assert event.type is EventType.START
+    assert time.monotonic() - sent < 0.1
+    first_task.cancel()
+    await second.aclose()
+    await reader.close()
+
+
+async def test_a_stream_that_is_left_is_no_longer_read(redis: Redis) -> None:
+    reader = StreamReader(redis, block_ms=200)
+    events = reader.read_events("left", silence_limit=5)
+    await write(redis, "left", StreamEvent(EventType.START))
+    assert (await asyncio.wait_for(anext(events), 5)).type is EventType.START
+    assert reader.streams == 1
+    await events.aclose()  # the client went away
+    assert reader.streams == 0
+    await write(redis, "left", StreamEvent(EventType.TOKEN, text="late"))  # dropped, harms nobody
+    await write(redis, "next", StreamEvent(EventType.START))
+    await write(redis, "next", StreamEvent(EventType.DONE, finish_reason="stop"))
+    assert len(await asyncio.wait_for(collect(reader.read_events("next", silence_limit=5)), 5)) == 2
+    await reader.close()
+
+
+async def test_many_streams_share_a_bounded_number_of_connections(redis: Redis, redis_server) -> None:
+    reader = StreamReader(redis, connections=2)
+    consumers = [asyncio.create_task(collect(reader.read_events(f"s{i}", silence_limit=5))) for i in range(200)]
+    await asyncio.sleep(0.3)
+    clients = redis_server.client.client_list()
+    assert sum(1 for c in clients if c["cmd"] == "xread") <= 2
+    assert len(clients) <= 2 + 3  # the readers, a wake-up, this check
+    for i in range(200):
+        await write(redis, f"s{i}", StreamEvent(EventType.DONE, finish_reason="stop"))
+    await asyncio.wait_for(asyncio.gather(*consumers), 10)
+    await reader.close()
+
+
+async def test_silence_after_start_raises_generator_lost_and_heartbeats_keep_it_alive(redis: Redis) -> None:
+    reader = StreamReader(redis)
+    events = reader.read_events("quiet", silence_limit=0.5)
+    await write(redis, "quiet", StreamEvent(EventType.START))
+    assert (await anext(events)).type is EventType.START
+    for _ in range(4):  # 1.2 s of heartbeats only: alive, and nothing is yielded
+        await asyncio.sleep(0.3)
+        await write(redis, "quiet", StreamEvent(EventType.HEARTBEAT))
+    waited = time.monotonic()
+    with pytest.raises(GeneratorLost):
+        await anext(events)
+    assert 0.3 < time.monotonic() - waited < 1.0
+    await reader.close()
+
+
+async def test_no_silence_limit_before_the_generator_started(redis: Redis) -> None:
+    reader = StreamReader(redis)
+    events = reader.read_events("queued", silence_limit=0.2)
+    task = asyncio.create_task(anext(events))
+    await asyncio.sleep(0.6)
+    assert not task.done()
+    await write(redis, "queued", StreamEvent(EventType.START))
+    assert (await asyncio.wait_for(task, 5)).type is EventType.START
+    await events.aclose()
+    await reader.close()
+
+
+async def test_a_failed_read_raises_in_every_consumer(redis: Redis) -> None:
+    reader = StreamReader(redis)
+    consumers = [asyncio.create_task(collect(reader.read_events(f"e{i}", silence_limit=5))) for i in range(5)]
+    await asyncio.sleep(0.1)
+    # A key of the wrong type makes the shared XREAD fail as a whole.
+    await redis.set(stream_key("poison"), "not a stream")
+    poisoned = asyncio.create_task(collect(reader.read_events("poison", silence_limit=5)))
+    results = await asyncio.wait_for(asyncio.gather(*consumers, poisoned, return_exceptions=True), 5)
+    assert all(isinstance(r, ResponseError) for r in results), results
+    assert reader.streams == 0
+    # The reader recovers for later streams.
+    await write(redis, "after", StreamEvent(EventType.DONE, finish_reason="stop"))
+    assert len(await asyncio.wait_for(collect(reader.read_events("after", silence_limit=5)), 5)) == 1
+    await reader.close()
+
+
+async def test_unreachable_redis_raises_a_connection_error_in_every_consumer() -> None:
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    reader = StreamReader(dead)
+    consumers = [asyncio.create_task(collect(reader.read_events(f"d{i}", silence_limit=5))) for i in range(3)]
+    results = await asyncio.wait_for(asyncio.gather(*consumers, return_exceptions=True), 5)
+    assert all(isinstance(r, RedisConnectionError) for r in results), results
+    await reader.close()
+    await dead.aclose()
+
+
+async def test_module_level_read_events_is_a_drop_in_for_the_relay(redis: Redis) -> None:
+    await write(redis, "dropin", StreamEvent(EventType.START))
+    await write(redis, "dropin", StreamEvent(EventType.TOKEN, text="hi"))
+    await write(redis, "dropin", StreamEvent(EventType.ERROR, code="generation_failed", message="boom"))
+    events = await asyncio.wait_for(collect(stream_reader.read_events(redis, "dropin", 5)), 5)
+    assert [e.type for e in events] == [EventType.START, EventType.TOKEN, EventType.ERROR]
+    assert stream_reader.shared_reader(redis) is stream_reader.shared_reader(redis)
+    await stream_reader.shared_reader(redis).close()

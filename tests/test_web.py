@@ -1,0 +1,167 @@
+"""The browser chat page, in a real browser: Debian's chromium, headless, driven by
+Playwright's Python package (never Playwright's own browser download).
+
+A missing chromium fails these tests (``make setup`` installs it); it never skips them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import synthetic_generator_env
+from tests.support.processes import REPO
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT = REPO / "docs" / "screenshots" / "chat.png"
+
+#: Counts the separate DOM updates of the last reply bubble, to prove it grew piece by piece.
+WATCH_REPLY = """() => {
+  window.replyUpdates = [];
+  new MutationObserver(() => window.replyUpdates.push(performance.now()))
+    .observe(document.getElementById("messages"), {subtree: true, characterData: true, childList: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: the web page is tested in Debian's chromium. "
+            "Run `make setup` (scripts/install_chromium.sh: apt-get install chromium).",
+            pytrace=False,
+        )
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 900, "height": 640})
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def send(page, text: str) -> None:
+    page.fill("#input", text)
+    page.click("#send")
+
+
+def last_reply(page) -> str:
+    return page.locator(".msg.assistant .text").last.inner_text()
+
+
+def wait_done(page, timeout_ms: int = 60_000) -> None:
+    page.wait_for_selector("#status:text-matches('^Done')", timeout=timeout_ms)
+
+
+def test_page_streams_a_reply_then_regenerates_and_clears(stack, default_model, page, tmp_path):
+    stack.generator({"MODEL_ID": str(default_model), "TEMPERATURE": "0", "MAX_NEW_TOKENS": "48"})
+    api = stack.api()
+    response = page.goto(api.base_url + "/")
+    assert response.status == 200
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    page.evaluate(WATCH_REPLY)
+
+    send(page, "In one sentence, what is Paris famous for?")
+    page.wait_for_selector(".msg.assistant.streaming")
+    wait_done(page)
+    reply = last_reply(page)
+    assert len(reply.split()) >= 5, reply
+    updates = page.evaluate("window.replyUpdates")
+    assert len(updates) >= 3 and updates[-1] - updates[0] > 50, "the reply must appear piece by piece"
+    assert page.locator(".msg.user").inner_text() == "In one sentence, what is Paris famous for?"
+    assert any(c["name"] == "sid" and c["httpOnly"] for c in page.context.cookies())
+
+    page.screenshot(path=str(tmp_path / "chat.png"))
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tmp_path / "chat.png", SCREENSHOT)
+
+    # Regenerate: same history, greedy decoding, so the same reply, in the same bubble.
+    assert page.is_enabled("#regenerate")
+    page.click("#regenerate")
+    page.wait_for_selector("#status:text-matches('^(Sending|Generating)')")
+    wait_done(page)
+    assert last_reply(page) == reply
+    assert page.locator(".msg").count() == 2
+    sessions = stack.redis.keys("chatstream:session:*")
+    assert len(sessions) == 1 and stack.redis.llen(sessions[0]) == 1, "regenerate replaced the turn"
+
+    page.click("#clear")
+    page.wait_for_selector("#status:has-text('Conversation cleared.')")
+    assert page.locator(".msg").count() == 0
+    assert stack.redis.llen(sessions[0]) == 0
+    assert page.is_disabled("#regenerate")
+
+
+def test_page_shows_the_queue_position_while_waiting(stack, page):
+    stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="40"))
+    api = stack.api({"MAX_CONCURRENT_GENERATIONS": "1"})
+    page.goto(api.base_url + "/")
+    started = threading.Event()
+
+    def keep_busy() -> None:
+        with httpx.stream("POST", api.base_url + "/chat_stream", json={"user_input": "busy"}, timeout=30) as r:
+            for _ in r.iter_raw():
+                started.set()
+
+    busy = threading.Thread(target=keep_busy)
+    busy.start()
+    try:
+        assert started.wait(10), "the busy request did not start"
+        send(page, "hello queue")
+        page.wait_for_selector("#status:has-text('Waiting in queue: position 1')", timeout=5_000)
+        wait_done(page, timeout_ms=15_000)
+        assert last_reply(page).startswith("hello queue hello queue")
+    finally:
+        busy.join(30)
+
+
+def test_page_shows_errors_clearly(stack, page):
+    stack.generator(synthetic_generator_env(tokens_per_second=50, SYNTHETIC_FAIL_AFTER_TOKENS="2"))
+    api = stack.api()
+    page.goto(api.base_url + "/")
+    send(page, "this will fail")
+    error = page.wait_for_selector(".msg.assistant .error", timeout=10_000)
+    assert "generation_failed" in error.inner_text()
+    assert last_reply(page) == "this will", "the text that arrived stays"
+    assert page.locator("#status.error").inner_text() == "The reply failed"
+    assert page.is_disabled("#regenerate"), "nothing was recorded, so nothing to regenerate"
+    assert page.is_enabled("#send")
+
+
+def test_page_asks_for_the_api_key_and_sends_it(stack, page):
+    stack.generator(synthetic_generator_env(tokens_per_second=100, MAX_NEW_TOKENS="4"))
+    api = stack.api({"API_KEYS": "sk-page-key-4c1d9e"})
+    assert page.goto(api.base_url + "/").status == 200, "the page itself needs no key"
+    send(page, "knock knock")
+    page.wait_for_selector("#key-panel:not([hidden])", timeout=5_000)
+    page.fill("#api-key", "sk-wrong")
+    page.click("#save-key")
+    page.wait_for_selector("#key-panel:not([hidden])", timeout=5_000)
+    page.fill("#api-key", "sk-page-key-4c1d9e")
+    page.click("#save-key")
+    wait_done(page, timeout_ms=10_000)
+    assert last_reply(page) == "knock knock knock knock"
+    page.click("#clear")
+    page.wait_for_selector("#status:has-text('Conversation cleared.')")
