@@ -32,6 +32,7 @@ from tests.support.deploy import (
 from tests.support.processes import REPO
 
 KEDA = "keda.sh/v1alpha1/ScaledObject"
+PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
 VALUES_FILE = "helm/chatstream/values.yaml"
 
 #: Environment variables a pod may carry that are not settings of the service: the Redis
@@ -96,6 +97,27 @@ SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         (),
     ),
     "api-keys-from-a-secret": ({"api.apiKeys.existingSecret": "chat-api-keys"}, ()),
+    "prometheus-operator": (
+        {
+            "metrics.serviceMonitor.enabled": True,
+            "metrics.serviceMonitor.namespace": "monitoring",
+            "metrics.serviceMonitor.labels": {"release": "kube-prometheus-stack"},
+            "metrics.podAnnotations": False,
+            "generator.env.METRICS_PORT": 9200,
+        },
+        (),
+    ),
+    "generator-metrics-off": ({"generator.env.METRICS_PORT": 0, "metrics.serviceMonitor.enabled": True}, ()),
+    "keda-on-prometheus-following-generators": (
+        {
+            "generator.autoscaling.mode": "keda",
+            "generator.autoscaling.minReplicas": 0,
+            "generator.autoscaling.keda.trigger": "prometheus",
+            "generator.autoscaling.keda.prometheus.serverAddress": PROMETHEUS,
+            "api.env.ADMISSION_FOLLOWS_GENERATORS": True,
+        },
+        (),
+    ),
 }
 
 
@@ -351,6 +373,44 @@ def test_scaled_object_scales_the_generator_on_arqs_queue(rendered) -> None:
     assert find(rendered["keda-scale-to-zero"], "ScaledObject", "-generator")["spec"]["minReplicaCount"] == 0
 
 
+def test_scaled_object_can_scale_on_the_apis_queue_depth_in_prometheus(rendered) -> None:
+    objects = rendered["keda-on-prometheus-following-generators"]
+    scaled = find(objects, "ScaledObject", "-generator")
+    assert scaled["spec"]["minReplicaCount"] == 0
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and "authenticationRef" not in trigger
+    metadata = trigger["metadata"]
+    assert all(isinstance(v, str) for v in metadata.values()), metadata
+    assert metadata["serverAddress"] == PROMETHEUS
+    # Requests holding a permit plus those waiting for one; max, as every API pod reports the same.
+    assert metadata["query"] == 'max(chatstream_permits_in_use{namespace="llm"}) + max(chatstream_queue_depth{namespace="llm"})'
+    from services.api import metrics
+
+    exported = {m.name for m in metrics.REGISTRY.collect()}
+    assert {"chatstream_permits_in_use", "chatstream_queue_depth"} <= exported, "the query names metrics the API exports"
+    assert (metadata["threshold"], metadata["activationThreshold"]) == ("2", "0")
+    assert "TriggerAuthentication" not in kinds(objects)
+    env = container_env(objects, deployment(objects, "api"), "api")
+    assert env["ADMISSION_FOLLOWS_GENERATORS"] == "true"
+    custom = helm_template({**SCENARIOS["keda-on-prometheus-following-generators"][0], "generator.autoscaling.keda.prometheus.query": "sum(x)"})
+    assert find(parse(custom), "ScaledObject", "-generator")["spec"]["triggers"][0]["metadata"]["query"] == "sum(x)"
+
+
+def test_chart_refuses_keda_triggers_that_cannot_work() -> None:
+    # Permits follow the live generators: with none, nothing is admitted, so arq's queue stays empty.
+    follows_from_zero = {
+        "generator.autoscaling.mode": "keda",
+        "generator.autoscaling.minReplicas": 0,
+        "api.env.ADMISSION_FOLLOWS_GENERATORS": True,
+    }
+    result = helm_template_result(follows_from_zero)
+    assert result.returncode != 0 and "cannot wake generators from zero" in result.stderr
+    result = helm_template_result({"generator.autoscaling.mode": "keda", "generator.autoscaling.keda.trigger": "prometheus"})
+    assert result.returncode != 0 and "prometheus.serverAddress is required" in result.stderr
+    result = helm_template_result({"generator.autoscaling.mode": "keda", "generator.autoscaling.keda.trigger": "cpu"})
+    assert result.returncode != 0 and "must be redis or prometheus" in result.stderr
+
+
 def test_plain_hpa_when_keda_is_absent_or_not_wanted(rendered) -> None:
     for scenario in ("defaults", "hpa"):
         objects = rendered[scenario]
@@ -360,6 +420,89 @@ def test_plain_hpa_when_keda_is_absent_or_not_wanted(rendered) -> None:
     fixed = rendered["fixed-replicas"]
     assert deployment(fixed, "generator")["spec"]["replicas"] == 3
     assert not {"ScaledObject", "HorizontalPodAutoscaler"} & kinds(fixed)
+
+
+# ---------------------------------------------------------------- metrics scraping
+
+
+def _selects(match_labels: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in match_labels.items())
+
+
+def _api_routes() -> set[str]:
+    from services.api.app import create_app
+
+    return {route.path for route in create_app(ApiSettings()).routes}
+
+
+def _generator_metrics_port(objects: list[dict[str, Any]]) -> int:
+    return int(container_env(objects, deployment(objects, "generator"), "generator")["METRICS_PORT"])
+
+
+def test_generator_metrics_port_is_its_metrics_port_setting(rendered) -> None:
+    for scenario, port in (("defaults", 9100), ("prometheus-operator", 9200)):
+        objects = rendered[scenario]
+        assert _generator_metrics_port(objects) == port
+        assert container(objects, "generator")["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    off = rendered["generator-metrics-off"]
+    assert _generator_metrics_port(off) == 0
+    assert "ports" not in container(off, "generator"), "METRICS_PORT 0 serves nothing"
+    assert not any(k.startswith("prometheus.io/") for k in deployment(off, "generator")["spec"]["template"]["metadata"]["annotations"])
+    assert "PodMonitor" not in kinds(off) and find(off, "ServiceMonitor", "-api")
+
+
+def test_pods_carry_prometheus_annotations_for_their_metrics_port(rendered) -> None:
+    objects = rendered["defaults"]
+    assert "/metrics" in _api_routes()
+    api_port = next(p["containerPort"] for p in container(objects, "api")["ports"] if p["name"] == "http")
+    for component, port in (("api", api_port), ("generator", _generator_metrics_port(objects))):
+        annotations = deployment(objects, component)["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", component
+        assert annotations["prometheus.io/port"] == str(port), component
+        assert annotations["prometheus.io/path"] == "/metrics", component
+    assert not {"ServiceMonitor", "PodMonitor"} & kinds(objects), "Prometheus Operator objects are opt-in"
+    for component in ("api", "generator"):
+        annotations = deployment(rendered["prometheus-operator"], component)["spec"]["template"]["metadata"]["annotations"]
+        assert not any(k.startswith("prometheus.io/") for k in annotations), "metrics.podAnnotations=false"
+
+
+def test_service_monitor_scrapes_the_api_services_metrics_route(rendered) -> None:
+    objects = rendered["prometheus-operator"]
+    monitor = find(objects, "ServiceMonitor", "-api")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": ["llm"]}, "the monitor lives elsewhere; the Service is in the release's namespace"
+    services = [o for o in objects if o["kind"] == "Service" and _selects(spec["selector"]["matchLabels"], o["metadata"]["labels"])]
+    assert [s["metadata"]["name"] for s in services] == ["chat-chatstream-api"]
+    (endpoint,) = spec["endpoints"]
+    assert (endpoint["path"], endpoint["interval"], endpoint["scrapeTimeout"]) == ("/metrics", "30s", "10s")
+    assert endpoint["path"] in _api_routes()
+    (service_port,) = [p for p in services[0]["spec"]["ports"] if p["name"] == endpoint["port"]]
+    # The Service port leads to the API container's port that serves /metrics: API_PORT.
+    (container_port,) = [p for p in container(objects, "api")["ports"] if p["name"] == service_port["targetPort"]]
+    assert str(container_port["containerPort"]) == container_env(objects, deployment(objects, "api"), "api")["API_PORT"]
+
+
+def test_pod_monitor_scrapes_every_generator_pod_on_its_metrics_port(rendered) -> None:
+    objects = rendered["prometheus-operator"]
+    monitor = find(objects, "PodMonitor", "-generator")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == "monitoring"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": ["llm"]}
+    selected = [
+        o["metadata"]["name"]
+        for o in objects
+        if o["kind"] == "Deployment" and _selects(spec["selector"]["matchLabels"], o["spec"]["template"]["metadata"]["labels"])
+    ]
+    assert selected == ["chat-chatstream-generator"]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert (endpoint["path"], endpoint["interval"], endpoint["scrapeTimeout"]) == ("/metrics", "30s", "10s")
+    (port,) = [p for p in container(objects, "generator")["ports"] if p["name"] == endpoint["port"]]
+    assert port["containerPort"] == _generator_metrics_port(objects) == 9200
 
 
 # ---------------------------------------------------------------- plain manifests (k8s/)
@@ -420,6 +563,11 @@ def test_compose_files_are_valid_for_cpu_and_gpu() -> None:
     assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
     assert {"redis", "api", "generator", "jaeger"} <= cpu["services"].keys()
     assert cpu["services"]["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    for config in (cpu, gpu):
+        generator = config["services"]["generator"]
+        (published,) = generator["ports"]
+        assert published["target"] == int(generator["environment"]["METRICS_PORT"]) == 9100
+        assert published["host_ip"] == "127.0.0.1", "metrics stay on the local machine"
 
 
 @pytest.mark.parametrize("component", ["api", "generator"])

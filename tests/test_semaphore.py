@@ -145,3 +145,23 @@ def test_stress_many_processes_acquiring_releasing_and_crashing(redis_server, ke
 def _redis_now(client) -> float:
     seconds, micros = client.time()
     return seconds + micros / 1e6
+
+
+async def test_the_limit_can_follow_the_capacity_of_live_members(redis, keys):
+    from services.common.semaphore import Capacity
+
+    members, values = keys.name + ":members", keys.name + ":values"
+    sem = RedisSemaphore(redis, keys, limit=3, lease_seconds=5, max_waiting=10, capacity=Capacity(members, values))
+    # No live member: nothing can start, requests wait.
+    assert (await sem.acquire("a")).status is AcquireStatus.WAITING
+    now = await redis.time()
+    t = now[0] + now[1] / 1e6
+    await redis.zadd(members, {"gen-1": t + 5, "gen-dead": t - 1})
+    await redis.hset(values, mapping={"gen-1": 2, "gen-dead": 8})
+    assert (await sem.acquire("a")).status is AcquireStatus.ACQUIRED
+    assert (await sem.acquire("b")).status is AcquireStatus.ACQUIRED
+    assert (await sem.acquire("c")).status is AcquireStatus.WAITING  # 2 slots live
+    await redis.zadd(members, {"gen-2": t + 5})
+    await redis.hset(values, "gen-2", 4)
+    assert (await sem.acquire("c")).status is AcquireStatus.ACQUIRED
+    assert (await sem.acquire("d")).status is AcquireStatus.WAITING  # capped by limit=3

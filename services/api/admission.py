@@ -19,8 +19,8 @@ from redis.asyncio import Redis
 
 from services.api.errors import ApiError
 from services.common.pubsub import listen_forever
-from services.common.contract import Lease
-from services.common.semaphore import GENERATIONS, AcquireResult, AcquireStatus, RedisSemaphore
+from services.common.contract import GENERATOR_SLOTS_KEY, GENERATORS_KEY, Lease
+from services.common.semaphore import GENERATIONS, AcquireResult, AcquireStatus, Capacity, RedisSemaphore
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,10 @@ class Admission:
         lease_seconds: float,
         queue_timeout: float,
         retry_after_seconds: int,
+        follow_generators: bool = False,
     ) -> None:
-        self.semaphore = RedisSemaphore(redis, GENERATIONS, limit, lease_seconds, max_queue_size)
+        capacity = Capacity(GENERATORS_KEY, GENERATOR_SLOTS_KEY) if follow_generators else None
+        self.semaphore = RedisSemaphore(redis, GENERATIONS, limit, lease_seconds, max_queue_size, capacity)
         self.notifier = ReleaseNotifier(redis, GENERATIONS.released_channel)
         self.queue_timeout = queue_timeout
         self.retry_after_seconds = retry_after_seconds

@@ -69,6 +69,7 @@ class GenerationService:
             lease_seconds=settings.lease_seconds,
             queue_timeout=settings.queue_timeout_seconds,
             retry_after_seconds=settings.retry_after_seconds,
+            follow_generators=settings.admission_follows_generators,
         )
 
     async def close(self) -> None:

@@ -1,4 +1,11 @@
-"""Reading a request's Redis Stream as the generator writes it."""
+"""Reading one request's Redis Stream as the generator writes it.
+
+The service reads streams through :mod:`services.api.stream_reader`, which
+multiplexes all of a process's streams over a few connections. ``read_events``
+here is the simple design it replaced (one blocking ``XREAD`` per request), kept
+as the reference the relay benchmark measures against; both raise
+:class:`GeneratorLost` under the same rule.
+"""
 
 from __future__ import annotations
 

@@ -54,6 +54,10 @@ class ApiSettings(CommonSettings):
     max_concurrent_generations: int = Field(
         2, ge=1, description="Generation permits shared by all API pods (cluster-wide concurrency limit)."
     )
+    admission_follows_generators: bool = Field(
+        False,
+        description="When true, the cluster-wide permit limit is the smaller of MAX_CONCURRENT_GENERATIONS and the total GENERATOR_SLOTS of the live generators.",
+    )
     max_queue_size: int = Field(
         32, ge=0, description="Requests that may wait for a permit, cluster-wide; beyond it, HTTP 429."
     )

@@ -32,6 +32,9 @@ WAKE_CHANNEL = f"{KEY_PREFIX}:wake"
 #: which their registration expires unless renewed.
 GENERATORS_KEY = f"{KEY_PREFIX}:generators"
 
+#: Hash of each registered generator's capacity (its GENERATOR_SLOTS).
+GENERATOR_SLOTS_KEY = f"{KEY_PREFIX}:generator_slots"
+
 
 def stream_key(request_id: str) -> str:
     """Redis Stream that carries one request's events from generator to API."""

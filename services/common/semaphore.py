@@ -28,27 +28,26 @@ from enum import Enum
 from redis.asyncio import Redis
 
 from services.common.contract import KEY_PREFIX
+from services.common.lua import purge_expired, redis_now
 
-_PURGE = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1e6
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
-if #expired > 0 then
-  redis.call('ZREM', KEYS[1], unpack(expired))
-  redis.call('HDEL', KEYS[2], unpack(expired))
-end
-local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
-if #gone > 0 then
-  redis.call('ZREM', KEYS[5], unpack(gone))
-  redis.call('ZREM', KEYS[4], unpack(gone))
-end
-"""
+_PURGE = (
+    redis_now()
+    + purge_expired("KEYS[1]", "KEYS[2]", "HDEL")  # expired holders and their fencing tokens
+    + purge_expired("KEYS[5]", "KEYS[4]", "ZREM")  # waiters that stopped polling leave the queue
+)
 
-# KEYS: holders, tokens, fence, queue, waiters, seq
-# ARGV: id, limit, lease seconds, max waiting
+# KEYS: holders, tokens, fence, queue, waiters, seq, capacity members, capacity values
+# ARGV: id, limit, lease seconds, max waiting, '1' to cap the limit by the capacity
 # Returns {status, position or 0, fencing token or 0}; status 1 acquired, 2 waiting, 3 rejected.
 _ACQUIRE = _PURGE + """
 local id, limit, lease, max_waiting = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if ARGV[5] == '1' then
+  local capacity = 0
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '(' .. now, '+inf')) do
+    capacity = capacity + tonumber(redis.call('HGET', KEYS[8], member) or '1')
+  end
+  if capacity < limit then limit = capacity end
+end
 local held = redis.call('ZSCORE', KEYS[1], id)
 if held then
   return {1, 0, tonumber(redis.call('HGET', KEYS[2], id))}
@@ -76,9 +75,7 @@ return {2, rank - free + 1, 0}
 """
 
 # KEYS: holders, tokens; ARGV: id, lease seconds. Returns 1 renewed, 0 lease lost.
-_RENEW = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1e6
+_RENEW = redis_now() + """
 local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if (not expiry) or tonumber(expiry) <= now then
   return 0
@@ -105,9 +102,7 @@ def lease_check_lua(holders: str, tokens: str, holder: str, token: str) -> str:
     holds a live permit with fencing token ``token``, given the Lua expressions of
     the holders and tokens keys. Scripts that must act only under a valid lease
     (the generator's fenced writes) embed it."""
-    return f"""
-local lease_now_parts = redis.call('TIME')
-local lease_now = tonumber(lease_now_parts[1]) + tonumber(lease_now_parts[2]) / 1e6
+    return redis_now("lease_now") + f"""
 local lease_expiry = redis.call('ZSCORE', {holders}, {holder})
 local lease_ok = lease_expiry and tonumber(lease_expiry) > lease_now
   and redis.call('HGET', {tokens}, {holder}) == {token}
@@ -190,13 +185,34 @@ class AcquireResult:
     fencing_token: int = 0
 
 
+@dataclass(frozen=True)
+class Capacity:
+    """Where to read a dynamic cap on the limit: a sorted set of members scored by
+    their expiry (Redis time) and a hash of each member's capacity (1 if absent).
+    The generators' registrations (``services.common.registry``) have this shape."""
+
+    members: str
+    values: str
+
+
 class RedisSemaphore:
-    """Client side of the semaphore. One instance per process is enough."""
+    """Client side of the semaphore. One instance per process is enough.
+
+    With ``capacity``, the effective limit is the smaller of ``limit`` and the total
+    capacity of the live members, so permits follow the fleet as it scales.
+    """
 
     def __init__(
-        self, redis: Redis, keys: SemaphoreKeys, limit: int, lease_seconds: float, max_waiting: int
+        self,
+        redis: Redis,
+        keys: SemaphoreKeys,
+        limit: int,
+        lease_seconds: float,
+        max_waiting: int,
+        capacity: Capacity | None = None,
     ) -> None:
         self.keys = keys
+        self.capacity = capacity
         self.limit = limit
         self.lease_seconds = lease_seconds
         self.max_waiting = max_waiting
@@ -210,8 +226,10 @@ class RedisSemaphore:
         """Take a permit, or join (or stay in) the wait queue, or be rejected when the
         queue is full. Calling it again while waiting renews the waiting lease and
         acquires when the caller has reached the front and a permit is free."""
+        capacity_keys = [self.capacity.members, self.capacity.values] if self.capacity else [self.keys.holders] * 2
         status, position, token = await self._acquire(
-            keys=self.keys.all, args=[holder_id, self.limit, self.lease_seconds, self.max_waiting]
+            keys=[*self.keys.all, *capacity_keys],
+            args=[holder_id, self.limit, self.lease_seconds, self.max_waiting, "1" if self.capacity else "0"],
         )
         return AcquireResult(AcquireStatus(int(status)), int(position), int(token))
 

@@ -79,7 +79,9 @@ async def _listen_for_wakeups(ctx: dict[str, Any]) -> None:
 async def _keep_registered(ctx: dict[str, Any], settings: GeneratorSettings, worker: WakeableWorker) -> None:
     while not worker.drain_started.is_set():
         try:
-            await register_generator(ctx["redis"], settings.worker_id, settings.registration_ttl_seconds)
+            await register_generator(
+                ctx["redis"], settings.worker_id, settings.registration_ttl_seconds, settings.generator_slots
+            )
         except Exception:
             logger.warning("renewing the generator registration failed", exc_info=True)
         with contextlib.suppress(asyncio.TimeoutError):

@@ -20,7 +20,7 @@ CHART = REPO / "helm" / "chatstream"
 #: kubernetes-validate no longer ships) and a recent one.
 KUBERNETES_VERSIONS = ("1.30.0", "1.35.0")
 #: Custom resources kubernetes-validate has no schema for; tests check them field by field.
-CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication"}
+CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PodMonitor"}
 
 
 def tool(name: str) -> Path:

@@ -168,6 +168,25 @@ OTEL_TRACES_EXPORTER: "none"
 {{- end }}
 {{- end }}
 
+{{/* The generator's metrics port (generator.env.METRICS_PORT); 0 when its metrics are off. */}}
+{{- define "chatstream.generatorMetricsPort" -}}
+{{- int (default 0 .Values.generator.env.METRICS_PORT) }}
+{{- end }}
+
+{{/* prometheus.io annotations of a pod serving /metrics on .port (metrics.podAnnotations; none when .port is 0). */}}
+{{- define "chatstream.prometheusAnnotations" -}}
+{{- if and .root.Values.metrics.podAnnotations (int .port) -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end }}
+
+{{/* Namespace of the Prometheus Operator monitors. */}}
+{{- define "chatstream.monitorNamespace" -}}
+{{- default .Release.Namespace .Values.metrics.serviceMonitor.namespace }}
+{{- end }}
+
 {{/* HF_TOKEN from the operator's Secret, when one is named. */}}
 {{- define "chatstream.hfTokenEnv" -}}
 {{- with .Values.model.hfToken.existingSecret }}
