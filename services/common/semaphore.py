@@ -98,19 +98,20 @@ return held
 
 
 def lease_check_lua(holders: str, tokens: str, holder: str, token: str) -> str:
-    """A Lua fragment that sets ``lease_ok`` to whether ``holder`` (a Lua expression)
+    """A Lua fragment that assigns ``lease_ok``: whether ``holder`` (a Lua expression)
     holds a live permit with fencing token ``token``, given the Lua expressions of
     the holders and tokens keys. Scripts that must act only under a valid lease
-    (the generator's fenced writes) embed it."""
+    (the generator's fenced writes) embed it; they declare ``local lease_ok``
+    themselves, so the fragment may sit inside a block and still set it."""
     return redis_now("lease_now") + f"""
 local lease_expiry = redis.call('ZSCORE', {holders}, {holder})
-local lease_ok = lease_expiry and tonumber(lease_expiry) > lease_now
+lease_ok = lease_expiry and tonumber(lease_expiry) > lease_now
   and redis.call('HGET', {tokens}, {holder}) == {token}
 """
 
 
 # KEYS: holders, tokens; ARGV: id, token. Returns 1 while the lease is live and the token current.
-_VALID = lease_check_lua("KEYS[1]", "KEYS[2]", "ARGV[1]", "ARGV[2]") + """
+_VALID = "local lease_ok\n" + lease_check_lua("KEYS[1]", "KEYS[2]", "ARGV[1]", "ARGV[2]") + """
 if lease_ok then return 1 end
 return 0
 """

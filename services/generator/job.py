@@ -108,13 +108,18 @@ class JobRunner:
                     metrics.TIME_PER_TOKEN.observe(now - last_token_at)
                 last_token_at = now
                 await publisher.token(delta)
+                if publisher.cancelled:
+                    if not cancel.is_set():
+                        logger.info("request %s stopping: cancelled", job.request_id)
+                    cancel.set()  # the engine stops at its next token
+                    continue
                 metrics.TOKENS_GENERATED.inc()
         except GenerationError as exc:
             logger.info("request %s rejected by the engine: %s", job.request_id, exc.message)
             span.set_status(Status(StatusCode.ERROR, exc.message))
             return StreamEvent(EventType.ERROR, code=exc.code, message=exc.message)
         except LeaseLost:
-            logger.warning("request %s lost its permit; generation stopped", job.request_id)
+            logger.warning("request %s stopping: lease_lost", job.request_id)
             span.set_status(Status(StatusCode.ERROR, "lease lost"))
             return _lease_lost_event()
         except Exception as exc:
@@ -138,17 +143,22 @@ class JobRunner:
         """Until the job ends: stop it when the API asks or the lease is gone, and
         keep the stream alive with heartbeats."""
         last_touch = time.monotonic()
+        interval = self._settings.cancel_check_seconds
         while not cancel.is_set():
-            await asyncio.sleep(self._settings.cancel_check_seconds)
+            await asyncio.sleep(interval)
             try:
-                reason = await publisher.should_stop()
-                if reason:
-                    logger.info("request %s stopping: %s", request_id, reason)
-                    cancel.set()
-                    return
                 now = time.monotonic()
-                if now - publisher.last_write >= GENERATOR_HEARTBEAT_SECONDS:
-                    await publisher.heartbeat()
+                # While tokens flow, each write has just checked both, atomically: no
+                # extra round trip is needed until the stream goes quiet.
+                if now - publisher.last_checked >= interval:
+                    reason = await publisher.should_stop()
+                    if reason:
+                        logger.info("request %s stopping: %s", request_id, reason)
+                        cancel.set()
+                        return
+                    now = time.monotonic()
+                    if now - publisher.last_write >= GENERATOR_HEARTBEAT_SECONDS:
+                        await publisher.heartbeat()
                 if now - last_touch >= GENERATOR_HEARTBEAT_SECONDS * 10:
                     await publisher.touch()
                     last_touch = now

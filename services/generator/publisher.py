@@ -17,10 +17,13 @@ from services.common.contract import (
 )
 from services.common.semaphore import GENERATIONS, lease_check_lua
 
-# KEYS: stream, holders, tokens; ARGV: holder ('' = unfenced), token, maxlen, then field/value pairs.
-# NOMKSTREAM: once the API has deleted the stream (client gone), late writes must
-# not recreate it as a key without a TTL.
+# KEYS: stream, holders, tokens, cancel; ARGV: holder ('' = unfenced), token, maxlen,
+# then field/value pairs. Returns 1 written, 0 lease lost, 2 cancelled by the API.
+# Checking the cancel key here, with every write, spares a separate check while
+# tokens flow. NOMKSTREAM: once the API has deleted the stream (client gone), late
+# writes must not recreate it as a key without a TTL.
 _FENCED_XADD = (
+    "if redis.call('EXISTS', KEYS[4]) == 1 then return 2 end\n"
     "local lease_ok = true\n"
     "if ARGV[1] ~= '' then\n"
     + lease_check_lua("KEYS[2]", "KEYS[3]", "ARGV[1]", "ARGV[2]")
@@ -37,6 +40,7 @@ return 1
 _CHECK = (
     "if redis.call('EXISTS', KEYS[1]) == 1 then return 'cancelled' end\n"
     "if ARGV[1] == '' then return '' end\n"
+    "local lease_ok\n"
     + lease_check_lua("KEYS[2]", "KEYS[3]", "ARGV[1]", "ARGV[2]")
     + "\nif lease_ok then return '' end\nreturn 'lease_lost'\n"
 )
@@ -59,16 +63,24 @@ class StreamPublisher:
         self._xadd = redis.register_script(_FENCED_XADD)
         self._check = redis.register_script(_CHECK)
         self.last_write = 0.0
+        self.last_checked = 0.0  # when Redis last confirmed: not cancelled, lease valid
+        self.cancelled = False  # the API asked to stop (seen by a write)
 
     async def publish(self, event: StreamEvent) -> None:
-        """Append one event; raises :class:`LeaseLost` when the lease is no longer valid."""
+        """Append one event. Raises :class:`LeaseLost` when the lease is no longer
+        valid; when the API has asked to stop, writes nothing and sets ``cancelled``."""
         args = [*self._lease_args, STREAM_MAXLEN]
         for name, value in event.to_fields().items():
             args += [name, value]
-        written = await self._xadd(keys=[self._key, GENERATIONS.holders, GENERATIONS.tokens], args=args)
-        if not written:
+        result = await self._xadd(
+            keys=[self._key, GENERATIONS.holders, GENERATIONS.tokens, self._cancel_key], args=args
+        )
+        if result == 0:
             raise LeaseLost(f"the lease of {self._key} is no longer valid")
-        self.last_write = time.monotonic()
+        if result == 2:
+            self.cancelled = True
+            return
+        self.last_write = self.last_checked = time.monotonic()
 
     async def publish_unfenced(self, event: StreamEvent) -> None:
         """Append a terminal error even without a lease: telling the client why its
@@ -106,4 +118,5 @@ class StreamPublisher:
         result = await self._check(
             keys=[self._cancel_key, GENERATIONS.holders, GENERATIONS.tokens], args=self._lease_args
         )
+        self.last_checked = time.monotonic()
         return result.decode() if isinstance(result, bytes) else str(result)
