@@ -12,7 +12,6 @@ from schemathesis import GenerationMode
 
 from services.common.semaphore import GENERATIONS
 from tests.conftest import synthetic_generator_env
-from tests.support.processes import eventually
 
 
 def test_schema_driven_requests_never_break_the_api(stack):
