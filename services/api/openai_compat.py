@@ -32,7 +32,7 @@ from services.api.framing import Framer
 from services.api.generation import GenerationRequest, GenerationService
 from services.api.outcome import Callback
 from services.api.settings import ApiSettings
-from services.api.validation import read_body
+from services.api.validation import describe_validation_errors, load_json_object, read_body
 from services.common.contract import ChatMessage, SamplingParams, new_request_id
 
 #: Every route of this module lives under this prefix.
@@ -152,14 +152,7 @@ class ChatCompletionRequest(BaseModel):
 def parse_completion_request(body: bytes) -> ChatCompletionRequest:
     """Parse and check a raw body; raises :class:`OpenAIError` 400 on bad input
     (OpenAI answers invalid parameters with 400, and its clients expect it)."""
-    if not body.strip():
-        raise OpenAIError(400, "invalid_request", "the request body is empty; send a JSON chat completion request")
-    try:
-        data: Any = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OpenAIError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise OpenAIError(400, "invalid_request", "the request body must be a JSON object")
+    data = load_json_object(body, "a JSON chat completion request", non_object_status=400)
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
@@ -167,7 +160,7 @@ def parse_completion_request(body: bytes) -> ChatCompletionRequest:
         raise OpenAIError(
             400,
             "invalid_request",
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors),
+            describe_validation_errors(errors),
             param=".".join(map(str, errors[0]["loc"])) if errors else None,
         ) from None
     if request.n not in (None, 1):

@@ -47,23 +47,36 @@ class ChatStreamRequest(BaseModel):
     regenerate: bool = Field(False, description="Drop the last reply and generate it again.")
 
 
-def parse_chat_request(body: bytes, max_input_chars: int) -> ChatStreamRequest:
-    """Parse and check a raw request body; raises :class:`ApiError` (4xx) on bad input."""
+def load_json_object(body: bytes, example: str, *, non_object_status: int = 422) -> dict[str, Any]:
+    """Decode a body that must be one JSON object; :class:`ApiError` 400 when it is
+    empty or not JSON (non-UTF-8 bytes included), ``non_object_status`` when it is
+    JSON but not an object. ``example`` completes "send ..." in the empty-body error."""
     if not body.strip():
-        raise ApiError(400, "invalid_request", "the request body is empty; send JSON like {\"user_input\": \"Hello\"}")
+        raise ApiError(400, "invalid_request", f"the request body is empty; send {example}")
     try:
         data: Any = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ApiError(422, "invalid_request", "the request body must be a JSON object")
+        raise ApiError(non_object_status, "invalid_request", "the request body must be a JSON object")
+    return data
+
+
+def describe_validation_errors(errors: list[Any]) -> str:
+    """pydantic's errors as one line a user can act on: ``field: problem; ...``."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors)
+
+
+def parse_chat_request(body: bytes, max_input_chars: int) -> ChatStreamRequest:
+    """Parse and check a raw request body; raises :class:`ApiError` (4xx) on bad input."""
+    data = load_json_object(body, 'JSON like {"user_input": "Hello"}')
     try:
         request = ChatStreamRequest.model_validate(data)
     except ValidationError as exc:
         raise ApiError(
             422,
             "invalid_request",
-            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()),
+            describe_validation_errors(exc.errors()),
             detail=json.loads(exc.json(include_url=False)),
         ) from None
     if not request.regenerate and not request.user_input.strip():
