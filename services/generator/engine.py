@@ -71,7 +71,6 @@ class Generation:
         self.finish_reason: FinishReason = FinishReason.LENGTH
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.first_token_at: float | None = None
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._deltas

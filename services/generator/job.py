@@ -97,11 +97,12 @@ class JobRunner:
         started = time.perf_counter()
         try:
             generation = self._engine.start(job.messages, sampling, cancel)
+            first_token_at: float | None = None
             last_token_at = started
             async for delta in generation:
                 now = time.perf_counter()
-                if generation.first_token_at is None:
-                    generation.first_token_at = now
+                if first_token_at is None:
+                    first_token_at = now
                     span.add_event("first_token")
                     metrics.TIME_TO_FIRST_TOKEN.observe(now - started)
                 else:
@@ -127,8 +128,8 @@ class JobRunner:
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, str(exc)))
             return StreamEvent(EventType.ERROR, code="generation_failed", message=f"generation failed: {exc}")
-        if generation.first_token_at is not None:
-            span.set_attribute("chat.time_to_first_token_ms", (generation.first_token_at - started) * 1000)
+        if first_token_at is not None:
+            span.set_attribute("chat.time_to_first_token_ms", (first_token_at - started) * 1000)
         span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", generation.completion_tokens)
         span.set_attribute("chat.finish_reason", generation.finish_reason.value)
