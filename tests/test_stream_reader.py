@@ -203,3 +203,40 @@ async def test_module_level_read_events_is_a_drop_in_for_the_relay(redis: Redis)
     assert [e.type for e in events] == [EventType.START, EventType.TOKEN, EventType.ERROR]
     assert stream_reader.shared_reader(redis) is stream_reader.shared_reader(redis)
     await stream_reader.shared_reader(redis).close()
+
+
+async def _tokens_per_read(redis: Redis, streams: int, rounds: int, max_read_pause: float) -> float:
+    """Tokens relayed per XREAD while ``streams`` streams each get ``rounds`` tokens,
+    written one XADD at a time, as generators do; checks every token arrived in order."""
+    reader = StreamReader(redis, max_read_pause=max_read_pause)
+    ids = [f"paced{streams}-{max_read_pause}-{i}" for i in range(streams)]
+    consumers = [asyncio.create_task(collect(reader.read_events(rid, silence_limit=10))) for rid in ids]
+    writer = Redis(connection_pool=redis.connection_pool)
+    for rid in ids:
+        await write(writer, rid, StreamEvent(EventType.START, worker="w"))
+    await asyncio.sleep(0.05)
+    await redis.config_resetstat()
+    for n in range(rounds):
+        for rid in ids:
+            await write(writer, rid, StreamEvent(EventType.TOKEN, text=f"<{n}>"))
+    reads = int((await redis.info("commandstats")).get("cmdstat_xread", {}).get("calls", 0))
+    for rid in ids:
+        await write(writer, rid, StreamEvent(EventType.DONE, finish_reason="length", completion_tokens=rounds))
+    results = await asyncio.wait_for(asyncio.gather(*consumers), 30)
+    expected = "".join(f"<{n}>" for n in range(rounds))
+    for events in results:
+        assert token_text(events) == expected
+        assert sum(e.tokens for e in events if e.type is EventType.TOKEN) == rounds
+    await reader.close()
+    return streams * rounds / max(reads, 1)
+
+
+async def test_reads_are_paced_only_when_many_streams_are_open(redis: Redis) -> None:
+    # 200 streams: each read is followed by a 2 ms pause, so tokens written meanwhile
+    # (by a writer as fast as one loopback round trip per XADD) come in one read.
+    unpaced = await _tokens_per_read(redis, streams=200, rounds=5, max_read_pause=0)
+    paced = await _tokens_per_read(redis, streams=200, rounds=5, max_read_pause=0.01)
+    assert paced >= 3 * unpaced, (paced, unpaced)
+    # 10 streams: pausing would only add latency; a generous cap changes nothing.
+    few = await _tokens_per_read(redis, streams=10, rounds=20, max_read_pause=0.05)
+    assert few < paced / 3, (few, paced)

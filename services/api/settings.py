@@ -74,6 +74,11 @@ class ApiSettings(CommonSettings):
     generator_silence_seconds: float = Field(
         2.5, gt=0.0, description="A started generation that writes nothing (not even a heartbeat) for this long is declared dead."
     )
+    relay_max_read_pause_ms: float = Field(
+        10.0,
+        ge=0.0,
+        description="Under load the stream reader pauses between reads (1 ms per 100 open streams, at most this) so one read carries many tokens; 0 disables pacing.",
+    )
     model_name: str = Field(
         "default", description="Model id reported by GET /v1/models and in OpenAI-style replies that name no model."
     )
