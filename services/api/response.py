@@ -188,7 +188,7 @@ class RelayResponse(Response):
                     metrics.INTER_TOKEN_LATENCY.observe(now - progress.last_token_at)
                 metrics.TOKENS_RELAYED.inc(event.tokens)
                 progress.last_token_at = now
-                progress.tokens_sent += 1
+                progress.tokens_sent += event.tokens
             elif event.type is EventType.DONE:
                 progress.done = event
                 await self._start(send, progress)

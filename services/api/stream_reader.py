@@ -352,14 +352,16 @@ class StreamReader:
                     continue
                 last_seen = now
                 text: list[str] = []
+                count = 0
                 for _entry_id, fields in entries:
                     event = StreamEvent.from_fields(fields)
                     if event.type is EventType.TOKEN and self.coalesce:
                         text.append(event.text)
+                        count += event.tokens
                         continue
                     if text:
-                        yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=len(text))
-                        text = []
+                        yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=count)
+                        text, count = [], 0
                     if event.type is EventType.HEARTBEAT:
                         continue
                     if event.type is EventType.START:
@@ -368,7 +370,7 @@ class StreamReader:
                     if event.is_terminal:
                         return
                 if text:
-                    yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=len(text))
+                    yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=count)
         finally:
             shard.remove(sub)
 

@@ -170,8 +170,9 @@ class StreamEvent:
     code: str = ""
     message: str = ""
     worker: str = ""
-    #: Generator deltas a ``token`` event carries: the API's stream reader merges
-    #: deltas that arrive in one read into one event. Not on the wire.
+    #: Generator deltas a ``token`` event carries: a generator writes the deltas
+    #: produced while its previous write was in flight as one entry, and the API's
+    #: stream reader merges entries that arrive in one read. On the wire only when > 1.
     tokens: int = 1
 
     def to_fields(self) -> dict[str, str]:
@@ -181,6 +182,8 @@ class StreamEvent:
             value = getattr(self, name)
             if value:
                 out[name] = value
+        if self.tokens != 1 and self.type is EventType.TOKEN:
+            out["tokens"] = str(self.tokens)
         if self.type is EventType.DONE:
             out["usage"] = json.dumps(
                 {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
@@ -194,9 +197,14 @@ class StreamEvent:
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in fields.items()
         }
-        usage = json.loads(data.get("usage", "{}"))
+        kind = _EVENT_TYPES.get(data.get("type", ""))
+        if kind is None:
+            raise ValueError(f"unknown stream entry type {data.get('type')!r}")
+        if kind is EventType.TOKEN:  # nearly every entry: decode it without the rest
+            return cls(kind, text=data.get("text", ""), tokens=int(data.get("tokens", 1)))
+        usage = json.loads(data["usage"]) if "usage" in data else {}
         return cls(
-            type=EventType(data["type"]),
+            type=kind,
             text=data.get("text", ""),
             finish_reason=data.get("finish_reason", ""),
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
@@ -211,6 +219,8 @@ class StreamEvent:
         """True for the last entry a generator writes for a request."""
         return self.type in TERMINAL_EVENTS
 
+
+_EVENT_TYPES = {kind.value: kind for kind in EventType}
 
 #: How often a generator writes a heartbeat entry while a job produces no tokens,
 #: and how long the API waits without any entry before it declares the generator dead.

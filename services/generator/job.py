@@ -21,7 +21,7 @@ from services.common.contract import (
 from services.common.logs import request_id_var
 from services.common.telemetry import extract_context
 from services.generator import metrics
-from services.generator.engine import Engine, GenerationError, ResolvedSampling
+from services.generator.engine import Engine, Generation, GenerationError, ResolvedSampling
 from services.generator.publisher import LeaseLost, StreamPublisher
 from services.generator.settings import GeneratorSettings
 
@@ -97,24 +97,28 @@ class JobRunner:
         started = time.perf_counter()
         try:
             generation = self._engine.start(job.messages, sampling, cancel)
-            first_token_at: float | None = None
-            last_token_at = started
-            async for delta in generation:
-                now = time.perf_counter()
-                if first_token_at is None:
-                    first_token_at = now
-                    span.add_event("first_token")
-                    metrics.TIME_TO_FIRST_TOKEN.observe(now - started)
-                else:
-                    metrics.TIME_PER_TOKEN.observe(now - last_token_at)
-                last_token_at = now
-                await publisher.token(delta)
-                if publisher.cancelled:
-                    if not cancel.is_set():
+            produced = _Deltas()
+            producer = asyncio.create_task(self._produce(generation, produced, span, started))
+            stopped_early = True
+            try:
+                # Whatever the engine produced while the previous write was in flight
+                # goes out as one entry: no wait is added when writes keep up, and a
+                # fast engine (or a slow Redis) costs fewer writes, not a growing backlog.
+                while texts := await produced.take():
+                    await publisher.tokens(texts)
+                    if publisher.cancelled:
                         logger.info("request %s stopping: cancelled", job.request_id)
-                    cancel.set()  # the engine stops at its next token
-                    continue
-                metrics.TOKENS_GENERATED.inc()
+                        break
+                else:
+                    stopped_early = False
+            finally:
+                if stopped_early:
+                    # Cancelled, a failed write (lease lost, Redis gone) or shutdown: the
+                    # engine stops at its next token; the write's failure is what counts.
+                    cancel.set()
+                    with contextlib.suppress(Exception):
+                        await producer
+            first_token_at = await producer
         except GenerationError as exc:
             logger.info("request %s rejected by the engine: %s", job.request_id, exc.message)
             span.set_status(Status(StatusCode.ERROR, exc.message))
@@ -139,6 +143,27 @@ class JobRunner:
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=generation.completion_tokens,
         )
+
+    @staticmethod
+    async def _produce(generation: Generation, produced: _Deltas, span: trace.Span, started: float) -> float | None:
+        """Run the engine's iteration into ``produced``; returns when the first token came."""
+        first_token_at: float | None = None
+        last_token_at = started
+        try:
+            async for delta in generation:
+                now = time.perf_counter()
+                if first_token_at is None:
+                    first_token_at = now
+                    span.add_event("first_token")
+                    metrics.TIME_TO_FIRST_TOKEN.observe(now - started)
+                else:
+                    metrics.TIME_PER_TOKEN.observe(now - last_token_at)
+                last_token_at = now
+                metrics.TOKENS_GENERATED.inc()
+                produced.put(delta)
+        finally:
+            produced.close()
+        return first_token_at
 
     async def _watch(self, request_id: str, cancel: threading.Event, publisher: StreamPublisher) -> None:
         """Until the job ends: stop it when the API asks or the lease is gone, and
@@ -168,6 +193,32 @@ class JobRunner:
                 return
             except Exception:
                 logger.exception("checking request %s for cancellation failed", request_id)
+
+
+class _Deltas:
+    """Text deltas the engine produced and the publisher has not written yet."""
+
+    def __init__(self) -> None:
+        self._texts: list[str] = []
+        self._closed = False
+        self._ready = asyncio.Event()
+
+    def put(self, text: str) -> None:
+        self._texts.append(text)
+        self._ready.set()
+
+    def close(self) -> None:
+        """No more deltas: ``take`` returns what is left, then []."""
+        self._closed = True
+        self._ready.set()
+
+    async def take(self) -> list[str]:
+        """Every delta not taken yet, waiting for at least one; [] once closed and empty."""
+        while not self._texts and not self._closed:
+            self._ready.clear()
+            await self._ready.wait()
+        texts, self._texts = self._texts, []
+        return texts
 
 
 def _lease_lost_event() -> StreamEvent:

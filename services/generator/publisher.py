@@ -104,6 +104,10 @@ class StreamPublisher:
         """A decoded text delta."""
         await self.publish(StreamEvent(EventType.TOKEN, text=text))
 
+    async def tokens(self, texts: list[str]) -> None:
+        """Several decoded deltas as one entry (one write, one chunk for the client)."""
+        await self.publish(StreamEvent(EventType.TOKEN, text="".join(texts), tokens=len(texts)))
+
     async def heartbeat(self) -> None:
         """Proof of life while no token is produced."""
         await self.publish(StreamEvent(EventType.HEARTBEAT))
