@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
 from services.common.contract import (
     ChatMessage,
+    Lease,
     EventType,
     GenerationJob,
     SamplingParams,
@@ -19,6 +22,7 @@ def test_stream_events_round_trip_through_redis_field_maps():
     events = [
         StreamEvent(EventType.START, worker="gen-1"),
         StreamEvent(EventType.TOKEN, text=" héllo 😀"),
+        StreamEvent(EventType.TOKEN, text=" three deltas", tokens=3),
         StreamEvent(EventType.DONE, finish_reason="stop", prompt_tokens=7, completion_tokens=3),
         StreamEvent(EventType.ERROR, code="generation_failed", message="boom"),
     ]
@@ -35,6 +39,14 @@ def test_jobs_round_trip_and_request_ids_are_128_bit_random():
         trace_context={"traceparent": "00-abc-def-01"},
     )
     assert GenerationJob.from_dict(job.to_dict()) == job
+    leased = GenerationJob(
+        request_id=new_request_id(),
+        messages=[ChatMessage("system", "be brief"), ChatMessage("user", "hi")],
+        sampling=SamplingParams(temperature=0.5, seed=7, stop=["a", "b"]),
+        lease=Lease("holder", 42),
+    )
+    assert leased.to_dict() == asdict(leased)
+    assert GenerationJob.from_dict(leased.to_dict()) == leased
     ids = {new_request_id() for _ in range(1000)}
     assert len(ids) == 1000 and all(len(i) == 32 for i in ids)
 
