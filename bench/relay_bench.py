@@ -196,6 +196,12 @@ def command_calls(client: redis.Redis) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in client.info("commandstats").items()}
 
 
+def command_usec(client: redis.Redis) -> dict[str, int]:
+    """Microseconds Redis spent in each command so far (a script's inner calls count twice:
+    in the script and in the command)."""
+    return {name.removeprefix("cmdstat_"): int(stats["usec"]) for name, stats in client.info("commandstats").items()}
+
+
 async def run_level(
     target: Target, concurrency: int, tokens: int, rate: float, ramp: float, rds: redis.Redis, extra: list[psutil.Process]
 ) -> dict[str, Any]:
@@ -203,7 +209,7 @@ async def run_level(
     limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
     budget = ramp + tokens / rate * 3 + 15
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0)) as client:
-        calls_before, rcpu_before = command_calls(rds), redis_cpu(rds)
+        calls_before, rcpu_before, usec_before = command_calls(rds), redis_cpu(rds), command_usec(rds)
         cpu_before, extra_before = target.cpu(), [p.cpu_times() for p in extra]
         started = time.perf_counter()
 
@@ -221,10 +227,11 @@ async def run_level(
         extra_cpu = sum(
             (a.user + a.system) - (b.user + b.system) for p, b in zip(extra, extra_before) for a in [p.cpu_times()]
         )
-        calls_after, rcpu_after = command_calls(rds), redis_cpu(rds)
+        calls_after, rcpu_after, usec_after = command_calls(rds), redis_cpu(rds), command_usec(rds)
     gaps = [g for r in results for g in r.gaps]
     received = sum(r.tokens for r in results)
     calls = {k: v - calls_before.get(k, 0) for k, v in calls_after.items() if v - calls_before.get(k, 0) > 0}
+    usec = {k: v - usec_before.get(k, 0) for k, v in usec_after.items() if v - usec_before.get(k, 0) > 0}
     outcomes: dict[str, int] = {}
     for r in results:
         outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
@@ -248,6 +255,10 @@ async def run_level(
         "redis_cpu_seconds": round(rcpu_after - rcpu_before, 3),
         "redis_calls": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
         "redis_calls_per_token": round(sum(calls.values()) / received, 3) if received else None,
+        "redis_usec_per_token_by_command": {
+            k: round(v / received, 2) for k, v in sorted(usec.items(), key=lambda kv: -kv[1])[:8]
+        } if received else {},
+        "redis_cpu_usec_per_token": round((rcpu_after - rcpu_before) / received * 1e6, 2) if received else None,
         # XREAD is the only command the relay itself issues per token; the rest is the
         # generator's fenced XADD (a Lua script: TIME, ZSCORE, HGET, XADD), its cancel
         # checks, arq and admission.
