@@ -52,3 +52,47 @@ async def test_a_write_after_the_api_cancelled_is_dropped_and_reported(redis):
     texts = [f.get(b"text") for _, f in await redis.xrange("chatstream:stream:fenced-2")]
     assert texts == [None, b"kept"]
     await sem.release("fenced-2")
+
+
+async def test_writes_of_many_requests_share_calls_and_keep_their_own_fate(redis):
+    from services.common.contract import EventType, StreamEvent, stream_key
+    from services.generator.publisher import FencedWriter
+
+    short = RedisSemaphore(redis, GENERATIONS, limit=100, lease_seconds=0.3, max_waiting=5)
+    sem = RedisSemaphore(redis, GENERATIONS, limit=100, lease_seconds=30, max_waiting=5)
+    writer = FencedWriter(redis)
+    expired = await short.acquire("batch-expired")
+    await asyncio.sleep(0.4)  # nobody renewed
+    live = {f"batch-{i}": await sem.acquire(f"batch-{i}") for i in range(40)}
+    publishers = {
+        rid: StreamPublisher(redis, rid, "gen", Lease(rid, lease.fencing_token), writer) for rid, lease in live.items()
+    }
+    for publisher in publishers.values():
+        await publisher.start()
+    lost = StreamPublisher(redis, "batch-expired", "gen", Lease("batch-expired", expired.fencing_token), writer)
+    await redis.set(cancel_key("batch-1"), 1, ex=10)
+    await redis.config_resetstat()
+
+    async def stream(rid: str, publisher: StreamPublisher) -> None:
+        for n in range(10):
+            await publisher.token(f"<{n}>")
+
+    # One call carries writes of all three fates: the expired lease is refused, the
+    # cancelled request is told so, the others are written.
+    results = await asyncio.gather(
+        lost.token("x"), publishers["batch-1"].token("y"), publishers["batch-2"].token("z"), return_exceptions=True
+    )
+    assert isinstance(results[0], LeaseLost) and results[1:] == [None, None]
+    assert publishers["batch-1"].cancelled and not publishers["batch-2"].cancelled
+    others = {rid: p for rid, p in publishers.items() if rid not in ("batch-1", "batch-2")}
+    await asyncio.gather(*(stream(rid, p) for rid, p in others.items()))
+    calls = int((await redis.info("commandstats"))["cmdstat_evalsha"]["calls"])
+    assert calls <= 1 + 10 * len(others) / 4, f"{calls} script calls for {10 * len(others)} writes"
+    for rid in others:
+        events = [StreamEvent.from_fields(f) for _, f in await redis.xrange(stream_key(rid))]
+        assert [e.text for e in events if e.type is EventType.TOKEN] == [f"<{n}>" for n in range(10)]
+    assert [f.get(b"text") for _, f in await redis.xrange(stream_key("batch-2"))] == [None, b"z"]
+    assert await redis.xlen(stream_key("batch-1")) == 1  # only its start entry
+    assert not await redis.exists(stream_key("batch-expired"))
+    for rid in live:
+        await sem.release(rid)

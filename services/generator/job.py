@@ -22,7 +22,7 @@ from services.common.logs import request_id_var
 from services.common.telemetry import extract_context
 from services.generator import metrics
 from services.generator.engine import Engine, Generation, GenerationError, ResolvedSampling
-from services.generator.publisher import LeaseLost, StreamPublisher
+from services.generator.publisher import FencedWriter, LeaseLost, StreamPublisher
 from services.generator.settings import GeneratorSettings
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,9 @@ class JobRunner:
         self._engine = engine
         self._redis = redis
         self._settings = settings
+        # One writer for every job of this process: the tokens of concurrent jobs
+        # (a batch's decode step) share script calls.
+        self._writer = FencedWriter(redis)
 
     async def run(self, job: GenerationJob) -> str:
         """Generate the reply to ``job`` into its stream; returns the finish reason
@@ -50,7 +53,9 @@ class JobRunner:
             span.set_attribute("gen_ai.request.model", self._engine.model_id)
             if job.lease is not None:
                 span.set_attribute("chat.fencing_token", job.lease.fencing_token)
-            publisher = StreamPublisher(self._redis, job.request_id, self._settings.worker_id, job.lease)
+            publisher = StreamPublisher(
+                self._redis, job.request_id, self._settings.worker_id, job.lease, self._writer
+            )
             refused = await publisher.should_stop()
             if refused:
                 # The client left while the job was queued, or its permit is gone:

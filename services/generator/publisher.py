@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from redis.asyncio import Redis
@@ -17,23 +18,93 @@ from services.common.contract import (
 )
 from services.common.semaphore import GENERATIONS, lease_check_lua
 
-# KEYS: stream, holders, tokens, cancel; ARGV: holder ('' = unfenced), token, maxlen,
-# then field/value pairs. Returns 1 written, 0 lease lost, 2 cancelled by the API.
+# Several fenced writes, of any number of requests, in one call.
+# KEYS: holders, tokens, then per write: stream, cancel.
+# ARGV: maxlen, then per write: holder ('' = unfenced), token, field count, fields...
+# Returns per write: 1 written, 0 lease lost, 2 cancelled by the API.
 # Checking the cancel key here, with every write, spares a separate check while
 # tokens flow. NOMKSTREAM: once the API has deleted the stream (client gone), late
 # writes must not recreate it as a key without a TTL.
-_FENCED_XADD = (
-    "if redis.call('EXISTS', KEYS[4]) == 1 then return 2 end\n"
-    "local lease_ok = true\n"
-    "if ARGV[1] ~= '' then\n"
-    + lease_check_lua("KEYS[2]", "KEYS[3]", "ARGV[1]", "ARGV[2]")
+_FENCED_XADDS = (
+    """
+local results = {}
+local a = 2
+for i = 1, (#KEYS - 2) / 2 do
+  local n = tonumber(ARGV[a + 2])
+  local holder, token, first = ARGV[a], ARGV[a + 1], a + 3
+  a = first + n
+  if redis.call('EXISTS', KEYS[2 + 2 * i]) == 1 then
+    results[i] = 2
+  else
+    local lease_ok = true
+    if holder ~= '' then
+"""
+    + lease_check_lua("KEYS[1]", "KEYS[2]", "holder", "token")
     + """
+    end
+    if lease_ok then
+      redis.call('XADD', KEYS[1 + 2 * i], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, first, a - 1))
+      results[i] = 1
+    else
+      results[i] = 0
+    end
+  end
 end
-if not lease_ok then return 0 end
-redis.call('XADD', KEYS[1], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
-return 1
+return results
 """
 )
+
+#: Most writes sent in one script call (a Lua script blocks Redis while it runs).
+MAX_WRITES_PER_CALL = 256
+
+
+class FencedWriter:
+    """Sends the fenced stream writes of every job of a process, several per call.
+
+    A write waits only for the call in flight, if any: the writes queued meanwhile
+    (other requests' tokens from the same decode step, or from concurrent jobs) go
+    together in the next call. One round trip and one script run then carry many
+    tokens, which is most of Redis's and the generator's cost per token when
+    hundreds of streams are open; an idle writer sends a write at once.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self._script = redis.register_script(_FENCED_XADDS)
+        self._pending: list[tuple[list[str], list[str], asyncio.Future[int]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def write(self, stream: str, cancel: str, lease_args: list[str], fields: dict[str, str]) -> int:
+        """Append ``fields`` to ``stream`` if the lease holds and ``cancel`` is unset;
+        returns 1 written, 0 lease lost, 2 cancelled."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        args = [*lease_args, str(2 * len(fields))]
+        for name, value in fields.items():
+            args += [name, value]
+        self._pending.append(([stream, cancel], args, future))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send())
+        return await future
+
+    async def _send(self) -> None:
+        while self._pending:
+            batch = self._pending[:MAX_WRITES_PER_CALL]
+            del self._pending[:MAX_WRITES_PER_CALL]
+            keys = [GENERATIONS.holders, GENERATIONS.tokens]
+            args: list[str | int] = [STREAM_MAXLEN]
+            for write_keys, write_args, _ in batch:
+                keys += write_keys
+                args += write_args
+            try:
+                results = await self._script(keys=keys, args=args)
+            except Exception as exc:  # every write of the call failed the same way
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), result in zip(batch, results):
+                if not future.done():  # its job may have been cancelled meanwhile
+                    future.set_result(int(result))
+
 
 # KEYS: cancel, holders, tokens; ARGV: holder ('' = unfenced), token.
 # Returns 'cancelled', 'lease_lost' or ''.
@@ -54,13 +125,15 @@ class StreamPublisher:
     """Publishes the events of one request. Every write is fenced: it happens only
     while the request's lease is valid, checked atomically inside Redis."""
 
-    def __init__(self, redis: Redis, request_id: str, worker_id: str, lease: Lease | None) -> None:
+    def __init__(
+        self, redis: Redis, request_id: str, worker_id: str, lease: Lease | None, writer: FencedWriter | None = None
+    ) -> None:
         self._redis = redis
+        self._writer = writer or FencedWriter(redis)
         self._key = stream_key(request_id)
         self._cancel_key = cancel_key(request_id)
         self._worker_id = worker_id
         self._lease_args = [lease.holder_id, str(lease.fencing_token)] if lease else ["", ""]
-        self._xadd = redis.register_script(_FENCED_XADD)
         self._check = redis.register_script(_CHECK)
         self.last_write = 0.0
         self.last_checked = 0.0  # when Redis last confirmed: not cancelled, lease valid
@@ -69,12 +142,7 @@ class StreamPublisher:
     async def publish(self, event: StreamEvent) -> None:
         """Append one event. Raises :class:`LeaseLost` when the lease is no longer
         valid; when the API has asked to stop, writes nothing and sets ``cancelled``."""
-        args = [*self._lease_args, STREAM_MAXLEN]
-        for name, value in event.to_fields().items():
-            args += [name, value]
-        result = await self._xadd(
-            keys=[self._key, GENERATIONS.holders, GENERATIONS.tokens, self._cancel_key], args=args
-        )
+        result = await self._writer.write(self._key, self._cancel_key, self._lease_args, event.to_fields())
         if result == 0:
             raise LeaseLost(f"the lease of {self._key} is no longer valid")
         if result == 2:
