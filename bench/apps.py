@@ -44,14 +44,26 @@ def create() -> FastAPI:
     return create_app(ApiSettings())
 
 
+class _ReplacedSubscription:
+    """Stands in for a ``stream_reader.Subscription``: no doorbell, events from the replacement."""
+
+    notify_key = ""
+
+    def __init__(self, events: Callable[[float], AsyncIterator[StreamEvent]]) -> None:
+        self.events = events
+
+    def close(self) -> None:
+        """The replacement cleans up when its iteration ends."""
+
+
 def _replace_read_events(replacement: Callable[[object, str, float], AsyncIterator[StreamEvent]]) -> None:
     """Make the request path read its streams with ``replacement(redis, request_id,
     silence_limit)`` instead of the process's multiplexing reader."""
 
-    def read_events(self: StreamReader, request_id: str, silence_limit: float) -> AsyncIterator[StreamEvent]:
-        return replacement(self.redis, request_id, silence_limit)
+    async def subscribe(self: StreamReader, request_id: str) -> _ReplacedSubscription:
+        return _ReplacedSubscription(lambda silence_limit: replacement(self.redis, request_id, silence_limit))
 
-    StreamReader.read_events = read_events  # type: ignore[method-assign]
+    StreamReader.subscribe = subscribe  # type: ignore[method-assign]
 
 
 def _generate_in_process() -> None:

@@ -240,3 +240,65 @@ async def test_reads_are_paced_only_when_many_streams_are_open(redis: Redis) -> 
     # 10 streams: pausing would only add latency; a generous cap changes nothing.
     few = await _tokens_per_read(redis, streams=10, rounds=20, max_read_pause=0.05)
     assert few < paced / 3, (few, paced)
+
+
+async def test_doorbell_reads_cover_only_the_streams_that_changed(redis: Redis) -> None:
+    from services.generator.publisher import FencedWriter, StreamPublisher
+
+    reader = StreamReader(redis, sweep_interval=60)  # only the first read covers everything
+    idle = [await reader.subscribe(f"idle{i}") for i in range(200)]
+    active = {f"active{i}": await reader.subscribe(f"active{i}") for i in range(10)}
+    writer = FencedWriter(redis)
+    publishers = {
+        rid: StreamPublisher(redis, rid, "gen", None, writer, sub.notify_key) for rid, sub in active.items()
+    }
+    consumers = [asyncio.create_task(collect(sub.events(silence_limit=5))) for sub in active.values()]
+    await asyncio.sleep(0.05)
+    await redis.config_set("slowlog-log-slower-than", 0)
+    await redis.config_set("slowlog-max-len", 10_000)
+    await redis.slowlog_reset()
+    try:
+        for publisher in publishers.values():
+            await publisher.start()
+        for n in range(20):
+            for publisher in publishers.values():
+                await publisher.token(f"<{n}>")
+            await asyncio.sleep(0.005)
+        for publisher in publishers.values():
+            await publisher.publish(StreamEvent(EventType.DONE, finish_reason="length", completion_tokens=20))
+        results = await asyncio.wait_for(asyncio.gather(*consumers), 10)
+        log = await redis.slowlog_get(10_000)
+    finally:
+        await redis.config_set("slowlog-log-slower-than", 10_000)
+    expected = "".join(f"<{n}>" for n in range(20))
+    for events in results:
+        assert events[0].type is EventType.START and events[-1].type is EventType.DONE
+        assert token_text(events) == expected
+    reads = [entry["command"] for entry in log if entry["command"].startswith(b"XREAD")]
+    assert len(reads) >= 10
+    # Redis logs at most 32 arguments, then "... (N more arguments)": a read of the
+    # 200 idle streams would show that.
+    assert not [cmd for cmd in reads if b"more arguments" in cmd], "a read covered the idle streams"
+    # XREAD COUNT n BLOCK ms STREAMS, then keys and ids of the doorbell and the streams.
+    streams_per_read = [(len(cmd.split()) - 6) // 2 - 1 for cmd in reads]
+    assert max(streams_per_read) <= 10
+    for sub in idle:
+        sub.close()
+    await reader.close()
+
+
+async def test_a_stream_whose_writer_never_rings_is_still_read_by_the_sweep(redis: Redis) -> None:
+    reader = StreamReader(redis, sweep_interval=0.2)
+    subscription = await reader.subscribe("silent-writer")
+    consumer = asyncio.create_task(collect(subscription.events(silence_limit=5)))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    # An older generator: writes the stream but knows nothing of the doorbell.
+    await write(redis, "silent-writer", StreamEvent(EventType.START, worker="old"))
+    await write(redis, "silent-writer", StreamEvent(EventType.TOKEN, text="late"))
+    await write(redis, "silent-writer", StreamEvent(EventType.DONE, finish_reason="stop", completion_tokens=1))
+    events = await asyncio.wait_for(consumer, 5)
+    assert time.monotonic() - started < 1.5
+    assert token_text(events) == "late" and events[-1].type is EventType.DONE
+    subscription.close()
+    await reader.close()

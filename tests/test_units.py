@@ -44,6 +44,7 @@ def test_jobs_round_trip_and_request_ids_are_128_bit_random():
         messages=[ChatMessage("system", "be brief"), ChatMessage("user", "hi")],
         sampling=SamplingParams(temperature=0.5, seed=7, stop=["a", "b"]),
         lease=Lease("holder", 42),
+        notify_key="chatstream:reader-wake:abc:0",
     )
     assert leased.to_dict() == asdict(leased)
     assert GenerationJob.from_dict(leased.to_dict()) == leased

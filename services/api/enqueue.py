@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from opentelemetry import trace
@@ -31,13 +33,7 @@ class JobQueue:
         and wake idle workers so it starts within milliseconds."""
         with tracer.start_as_current_span("job.enqueue", kind=SpanKind.PRODUCER) as span:
             span.set_attribute("chat.request_id", job.request_id)
-            payload = GenerationJob(
-                request_id=job.request_id,
-                messages=job.messages,
-                sampling=job.sampling,
-                trace_context=inject_context(),
-                lease=job.lease,
-            ).to_dict()
+            payload = dataclasses.replace(job, trace_context=inject_context()).to_dict()
             queued = await self._arq.enqueue_job(
                 GENERATE_FUNCTION, payload, _job_id=job.request_id, _queue_name=QUEUE_NAME
             )

@@ -29,7 +29,7 @@ from services.api.outcome import Callback, CallbackMessage, invoke_callback
 from services.api.relay import GeneratorLost, delete_stream
 from services.api.response import Queued, RelayProgress, RelayResponse, StreamFailed
 from services.api.settings import ApiSettings
-from services.api.stream_reader import StreamReader
+from services.api.stream_reader import StreamReader, Subscription
 from services.common.logs import request_id_var
 from services.common.contract import ChatMessage, EventType, GenerationJob, SamplingParams, StreamEvent
 
@@ -114,54 +114,63 @@ class GenerationService:
 
         async def events() -> AsyncIterator[StreamEvent | Queued]:
             nonlocal relay_span
-            wait_span = tracer.start_span(
-                "admission.wait", context=parent, attributes={"chat.queue_position": ticket.result.position}
-            )
+            subscription: Subscription | None = None
             try:
-                async for position in ticket.wait():
-                    yield Queued(position)
-                wait = ticket.acquired_at - ticket.entered_at
-                metrics.QUEUE_WAIT.observe(wait)
-                wait_span.set_attribute("chat.fencing_token", ticket.lease.fencing_token)
-                span.set_attribute("chat.queue_wait_ms", wait * 1000)
-                await self.queue.enqueue(
-                    GenerationJob(
-                        request_id=request_id,
-                        messages=generation.messages,
-                        sampling=generation.sampling,
-                        lease=ticket.lease,
-                    )
+                wait_span = tracer.start_span(
+                    "admission.wait", context=parent, attributes={"chat.queue_position": ticket.result.position}
                 )
-            except QueueTimeout as exc:
-                wait_span.set_status(Status(StatusCode.ERROR, str(exc)))
-                raise StreamFailed("queue_timeout", str(exc)) from None
-            except RedisError as exc:
-                raise StreamFailed("redis_unavailable", f"the job queue is unreachable: {exc}") from None
+                try:
+                    async for position in ticket.wait():
+                        yield Queued(position)
+                    wait = ticket.acquired_at - ticket.entered_at
+                    metrics.QUEUE_WAIT.observe(wait)
+                    wait_span.set_attribute("chat.fencing_token", ticket.lease.fencing_token)
+                    span.set_attribute("chat.queue_wait_ms", wait * 1000)
+                    # Subscribed before the job exists, so that the generator's very first
+                    # entry already rings this process's reader.
+                    subscription = await self.reader.subscribe(request_id)
+                    await self.queue.enqueue(
+                        GenerationJob(
+                            request_id=request_id,
+                            messages=generation.messages,
+                            sampling=generation.sampling,
+                            lease=ticket.lease,
+                            notify_key=subscription.notify_key,
+                        )
+                    )
+                except QueueTimeout as exc:
+                    wait_span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    raise StreamFailed("queue_timeout", str(exc)) from None
+                except RedisError as exc:
+                    raise StreamFailed("redis_unavailable", f"the job queue is unreachable: {exc}") from None
+                finally:
+                    wait_span.end()
+                relay_span = tracer.start_span("relay", context=parent, attributes={"chat.request_id": request_id})
+                parts: list[str] = []
+                try:
+                    async for event in subscription.events(self.settings.generator_silence_seconds):
+                        if event.type is EventType.START:
+                            relay_span.set_attribute("chat.worker", event.worker)
+                        elif event.type is EventType.TOKEN:
+                            if not parts:
+                                relay_span.add_event("first_token")
+                            parts.append(event.text)
+                        elif event.type is EventType.DONE:
+                            relay_span.set_attribute("chat.finish_reason", event.finish_reason)
+                            relay_span.set_attribute("gen_ai.usage.input_tokens", event.prompt_tokens)
+                            relay_span.set_attribute("gen_ai.usage.output_tokens", event.completion_tokens)
+                            if on_reply is not None:
+                                # Before the client sees the end, so that whatever it sends
+                                # next (say, a regenerate) finds the reply already recorded.
+                                await on_reply("".join(parts))
+                        yield event
+                except GeneratorLost as exc:
+                    raise StreamFailed("generator_lost", f"the generator stopped responding: {exc}") from None
+                except RedisError as exc:
+                    raise StreamFailed("redis_unavailable", f"lost the connection to Redis: {exc}") from None
             finally:
-                wait_span.end()
-            relay_span = tracer.start_span("relay", context=parent, attributes={"chat.request_id": request_id})
-            parts: list[str] = []
-            try:
-                async for event in self.reader.read_events(request_id, self.settings.generator_silence_seconds):
-                    if event.type is EventType.START:
-                        relay_span.set_attribute("chat.worker", event.worker)
-                    elif event.type is EventType.TOKEN:
-                        if not parts:
-                            relay_span.add_event("first_token")
-                        parts.append(event.text)
-                    elif event.type is EventType.DONE:
-                        relay_span.set_attribute("chat.finish_reason", event.finish_reason)
-                        relay_span.set_attribute("gen_ai.usage.input_tokens", event.prompt_tokens)
-                        relay_span.set_attribute("gen_ai.usage.output_tokens", event.completion_tokens)
-                        if on_reply is not None:
-                            # Before the client sees the end, so that whatever it sends
-                            # next (say, a regenerate) finds the reply already recorded.
-                            await on_reply("".join(parts))
-                    yield event
-            except GeneratorLost as exc:
-                raise StreamFailed("generator_lost", f"the generator stopped responding: {exc}") from None
-            except RedisError as exc:
-                raise StreamFailed("redis_unavailable", f"lost the connection to Redis: {exc}") from None
+                if subscription is not None:
+                    subscription.close()
 
         async def finish(message: CallbackMessage, progress: RelayProgress) -> None:
             span.set_attribute("chat.callback_message", message.value)

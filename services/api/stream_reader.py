@@ -3,22 +3,32 @@
 ``relay.read_events`` issues one blocking ``XREAD`` per request, so every open
 stream holds a Redis connection and costs one round trip per token. Here a few
 reader tasks per API process (``connections``) each issue one ``XREAD BLOCK``
-over all the streams they own and hand what comes back to per-request
+for all the streams they own and hand what comes back to per-request
 subscriptions: 1,000 streams cost a handful of connections, and one read carries
 the entries of every stream that has something new.
 
-A stream added while its reader is blocked would wait for the end of the block;
-instead the reader's read also covers a private wake stream
-(``contract.reader_wake_key``), and adding a stream to a blocked read appends
-one entry to it, so the read returns at once and the next one includes the new
-stream. Removing a stream needs no wake: its entries are simply dropped.
+Which streams a read covers: each reader task has a doorbell stream
+(``contract.reader_wake_key``). A request subscribed with :meth:`StreamReader.subscribe`
+before its job is enqueued gives the job that doorbell as ``notify_key``, and the
+generator announces every entry it writes there, atomically with the entry. A
+read then covers the doorbell plus only the streams announced since the last
+read, so its cost follows the streams that changed, not the streams open; once
+per ``sweep_interval`` a read covers every stream, which bounds the delay of a
+ring that was lost (a generator that does not ring, a doorbell trimmed while the
+reader was far behind). Streams read with :meth:`StreamReader.read_events` (no
+doorbell) are covered by every read, and adding one to a blocked read appends a
+wake-up entry to the doorbell, so the read returns at once and the next one
+includes it. Removing a stream needs nothing: its entries are simply dropped.
 
 Tokens that arrive in the same read are coalesced into one ``token`` event (one
 HTTP chunk) whose text is their concatenation.
 
     reader = StreamReader(redis)
-    async for event in reader.read_events(request_id, silence_limit):
+    subscription = await reader.subscribe(request_id)
+    enqueue(job with notify_key=subscription.notify_key)
+    async for event in subscription.events(silence_limit):
         ...
+    subscription.close()
     await reader.close()
 
 ``read_events(redis, request_id, silence_limit)`` (module level) has the
@@ -40,26 +50,38 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.api.relay import GeneratorLost
-from services.common.contract import EventType, StreamEvent, reader_wake_key, stream_key
+from services.common.contract import (
+    DOORBELL_FIELD,
+    DOORBELL_MAXLEN,
+    EventType,
+    StreamEvent,
+    reader_wake_key,
+    stream_key,
+)
 
 logger = logging.getLogger(__name__)
 
-#: Longest single blocking read. New streams wake the read, removed ones need not,
-#: so this only bounds how long an idle reader lingers before it notices it is idle.
+#: Longest single blocking read. A read ends early when any stream it covers gets
+#: an entry, the doorbell included, so this only bounds how long an idle reader
+#: lingers before it notices it is idle.
 DEFAULT_BLOCK_MS = 1000
 
 #: Most entries taken from one stream in one read (a reader that far behind catches
 #: up over several reads, in order).
 DEFAULT_COUNT = 512
 
-#: Lifetime of a wake stream after its last entry, so a killed process leaves nothing behind.
-_WAKE_TTL_SECONDS = 60
+#: How often a read covers every open stream, whether announced or not.
+DEFAULT_SWEEP_INTERVAL = 1.0
 
-#: Pause after a read that brought entries, per stream the read covered (1 ms per
-#: 100 streams), capped by the reader's ``max_read_pause``. Every read resends the key
-#: and last id of every stream it covers: with hundreds of streams at a few tokens
-#: each per read, that resending was the relay's largest cost (a profile at 300
-#: streams: a third of the API's CPU went to writing and parsing reads). Pausing
+#: Lifetime of a doorbell after the reader last refreshed it, so a killed process
+#: leaves nothing behind (generators never recreate a missing doorbell).
+_DOORBELL_TTL_SECONDS = 60
+
+#: Pause after a read that brought entries, per open stream (1 ms per 100 streams),
+#: capped by the reader's ``max_read_pause``. Each read and each HTTP chunk costs a
+#: round of system calls and task switches; with hundreds of streams at a few tokens
+#: each per read that was most of the relay's cost (a profile at 300 streams, before
+#: doorbells: a third of the API's CPU went to writing and parsing reads). Pausing
 #: lets tokens accumulate, so one read carries many and each stream's tokens that
 #: arrived meanwhile go out as one chunk; with few streams there is no pause at all.
 READ_PAUSE_PER_STREAM = 10e-6
@@ -67,13 +89,15 @@ READ_PAUSE_PER_STREAM = 10e-6
 #: Pauses shorter than this are not taken: event loop timers are not finer.
 _MIN_READ_PAUSE = 0.001
 
+_DOORBELL_FIELD = DOORBELL_FIELD.encode()
+
 
 class _Subscription:
     """One request's place in a reader: entries read for it but not yet consumed."""
 
-    __slots__ = ("key", "packed_key", "last_id", "packed_id", "batches", "waiter", "error")
+    __slots__ = ("key", "packed_key", "last_id", "packed_id", "batches", "waiter", "error", "rung")
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, rung: bool) -> None:
         self.key = key
         self.packed_key = _bulk(key)
         self.last_id: bytes = b"0-0"
@@ -81,6 +105,7 @@ class _Subscription:
         self.batches: list[list[tuple[Any, dict[Any, Any]]]] = []
         self.waiter: asyncio.Future[None] | None = None
         self.error: BaseException | None = None
+        self.rung = rung  # its writer announces entries on the doorbell
 
     def advance(self, last_id: bytes) -> None:
         """Remember the last entry read, for the next read."""
@@ -136,42 +161,63 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 class _Shard:
-    """One reader task and the streams it owns; at most one Redis connection busy at a time."""
+    """One reader task, its doorbell and the streams it owns; one Redis connection."""
 
     def __init__(self, reader: StreamReader, index: int) -> None:
         self._reader = reader
+        self.coalesce = reader.coalesce
         self.subs: dict[bytes, _Subscription] = {}
+        self._unrung: dict[bytes, _Subscription] = {}  # covered by every read
+        self._announced: set[bytes] = set()  # rung streams to cover in the next read
         self.wake_key = reader_wake_key(f"{reader.id}:{index}").encode()
-        self._wake_last_id = b"0-0"
+        self._wake_last_id = b"0-0"  # the doorbell is this reader's alone: all of it counts
+        self._doorbell_fresh_until = 0.0
+        self._next_sweep = 0.0
         self._task: asyncio.Task[None] | None = None
         self._connection: Any = None  # this shard's own, so a read skips the pool's checks
         self._reading = False  # a read's key list is built and the read not yet answered
         self._wake_sent = False
 
+    async def ensure_doorbell(self) -> None:
+        """Create the doorbell or push its expiry forward (generators only append to
+        an existing one); a round trip only every third of its lifetime."""
+        now = time.monotonic()
+        if now < self._doorbell_fresh_until:
+            return
+        async with self._reader.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(self.wake_key, {"w": "1"}, maxlen=DOORBELL_MAXLEN, approximate=True)
+            pipe.expire(self.wake_key, _DOORBELL_TTL_SECONDS)
+            await pipe.execute()
+        self._doorbell_fresh_until = now + _DOORBELL_TTL_SECONDS / 3
+
     def add(self, sub: _Subscription) -> None:
         self.subs[sub.key] = sub
+        if not sub.rung:
+            self._unrung[sub.key] = sub
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name=f"stream-reader {self.wake_key.decode()}")
-        elif self._reading and not self._wake_sent:
+        elif not sub.rung and self._reading and not self._wake_sent:
+            # A rung stream announces its first entry itself; this one must be added
+            # to the blocked read's key list.
             self._wake_sent = True
             self._reader._spawn(self._wake())
 
     def remove(self, sub: _Subscription) -> None:
         if self.subs.get(sub.key) is sub:
             del self.subs[sub.key]
+            self._unrung.pop(sub.key, None)
+            self._announced.discard(sub.key)
 
     async def _wake(self) -> None:
         try:
-            async with self._reader.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
-                pipe.expire(self.wake_key, _WAKE_TTL_SECONDS)
-                await pipe.execute()
+            self._doorbell_fresh_until = 0.0  # the wake-up entry refreshes it too
+            await self.ensure_doorbell()
         except RedisError:
             # The blocked read still returns within its block; the new stream waits that long.
             logger.warning("waking stream reader %s failed", self.wake_key.decode(), exc_info=True)
 
     async def _read(self, subs: list[_Subscription]) -> Any:
-        """One ``XREAD BLOCK`` over ``subs`` and the wake stream.
+        """One ``XREAD BLOCK`` over the doorbell and ``subs``.
 
         The command is assembled from RESP pieces each subscription keeps encoded:
         with hundreds of streams, having redis-py encode every key and id again on
@@ -202,24 +248,37 @@ class _Shard:
             await connection.disconnect()
             raise
 
+    def _streams_to_read(self) -> list[_Subscription]:
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._reader.sweep_interval
+            self._announced.clear()
+            return list(self.subs.values())
+        subs = list(self._unrung.values())
+        subs += [self.subs[key] for key in self._announced if key in self.subs and key not in self._unrung]
+        self._announced.clear()
+        return subs
+
     async def _run(self) -> None:
         reader = self._reader
         try:
             while self.subs:
-                subs = list(self.subs.values())
+                subs = self._streams_to_read()
                 self._reading = True
                 try:
+                    await self.ensure_doorbell()
                     reply = await self._read(subs)
                 except (RedisError, OSError) as exc:
                     # Every consumer sees the error, as with one read per stream; streams
                     # added later start a fresh read.
-                    self.fail_all(exc, subs)
+                    self.fail_all(exc, list(self.subs.values()))
+                    self._doorbell_fresh_until = 0.0
                     continue
                 finally:
                     self._reading = False
                     self._wake_sent = False
                 if reply and self._dispatch(reply):
-                    pause = min(reader.max_read_pause, len(subs) * READ_PAUSE_PER_STREAM)
+                    pause = min(reader.max_read_pause, len(self.subs) * READ_PAUSE_PER_STREAM)
                     if pause >= _MIN_READ_PAUSE:
                         await asyncio.sleep(pause)
         except Exception as exc:
@@ -235,10 +294,11 @@ class _Shard:
             self.remove(sub)
 
     def _dispatch(self, reply: Any) -> bool:
-        """Hand each stream's entries to its subscription; False when the read only
-        answered a wake-up (a new stream to include, at once)."""
+        """Hand each stream's entries to its subscription and note the streams the
+        doorbell announced; False when nothing was delivered."""
         items = reply.items() if isinstance(reply, dict) else reply  # RESP3 answers a map
         delivered = False
+        count = self._reader.count
         for key, entries in items:
             if isinstance(key, str):
                 key = key.encode()
@@ -246,6 +306,12 @@ class _Shard:
                 continue
             if key == self.wake_key:
                 self._wake_last_id = _as_bytes(entries[-1][0])
+                if len(entries) >= count:
+                    self._next_sweep = 0.0  # rings may have been trimmed: read everything
+                for _entry_id, fields in entries:
+                    announced = _as_map(fields).get(_DOORBELL_FIELD)
+                    if announced is not None:
+                        self._announced.add(_as_bytes(announced))
                 continue
             sub = self.subs.get(key)
             if sub is None:
@@ -254,6 +320,8 @@ class _Shard:
             # The raw reply carries each entry's fields as a flat [field, value, ...] list.
             sub.push([(entry_id, _as_map(fields)) for entry_id, fields in entries])
             delivered = True
+            if len(entries) >= count:
+                self._announced.add(key)  # more to read
         return delivered
 
     async def close(self) -> None:
@@ -284,14 +352,75 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
+class Subscription:
+    """One request's stream, read by a :class:`StreamReader`; ``close()`` when done."""
+
+    def __init__(self, shard: _Shard, sub: _Subscription) -> None:
+        self._shard = shard
+        self._sub = sub
+        #: The doorbell the request's generator must announce its entries on
+        #: (``GenerationJob.notify_key``); '' when the stream is read without one.
+        self.notify_key = shard.wake_key.decode() if sub.rung else ""
+
+    def close(self) -> None:
+        """Stop reading the stream (entries not consumed yet are dropped)."""
+        self._shard.remove(self._sub)
+
+    async def events(self, silence_limit: float) -> AsyncIterator[StreamEvent]:
+        """Yield the request's events (``start``, ``token``, then ``done`` or ``error``)
+        as they arrive; heartbeats are consumed here, and tokens read together come
+        as one ``token`` event.
+
+        Before a generator has started the job, waiting is unbounded (the caller owns
+        the deadline). After it started, ``silence_limit`` seconds without any entry
+        raise :class:`~services.api.relay.GeneratorLost`. A failed read raises its
+        ``RedisError`` in every stream it covered.
+        """
+        sub = self._sub
+        coalesce = self._shard.coalesce
+        started = False
+        last_seen = time.monotonic()
+        while True:
+            timeout = silence_limit - (time.monotonic() - last_seen) if started else None
+            entries = await sub.take(None if timeout is None else max(0.0, timeout))
+            now = time.monotonic()
+            if not entries:
+                if started and now - last_seen >= silence_limit:
+                    raise GeneratorLost(f"the generator wrote nothing for {now - last_seen:.1f}s")
+                continue
+            last_seen = now
+            text: list[str] = []
+            count = 0
+            for _entry_id, fields in entries:
+                event = StreamEvent.from_fields(fields)
+                if event.type is EventType.TOKEN and coalesce:
+                    text.append(event.text)
+                    count += event.tokens
+                    continue
+                if text:
+                    yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=count)
+                    text, count = [], 0
+                if event.type is EventType.HEARTBEAT:
+                    continue
+                if event.type is EventType.START:
+                    started = True
+                yield event
+                if event.is_terminal:
+                    return
+            if text:
+                yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=count)
+
+
 class StreamReader:
     """Reads the streams of many requests over ``connections`` blocking reads.
 
     ``redis``: the client whose settings the reads use (each reader task holds one
-    connection of its own) and whose pool sends wake-ups. ``max_read_pause``: the
-    longest pause between reads under load (see ``READ_PAUSE_PER_STREAM``), that is
-    the most latency pacing may add to a token; 0 reads again at once. Create one per process and ``await close()`` at shutdown;
-    reader tasks also stop by themselves when they have no streams.
+    connection of its own) and whose pool maintains the doorbells. ``max_read_pause``:
+    the longest pause between reads under load (see ``READ_PAUSE_PER_STREAM``), that
+    is the most latency pacing may add to a token; 0 reads again at once.
+    ``sweep_interval``: how often a read covers every stream, announced or not.
+    Create one per process and ``await close()`` at shutdown; reader tasks also stop
+    by themselves when they have no streams.
     """
 
     def __init__(
@@ -302,6 +431,7 @@ class StreamReader:
         block_ms: int = DEFAULT_BLOCK_MS,
         count: int = DEFAULT_COUNT,
         max_read_pause: float = 0.01,
+        sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
         coalesce: bool = True,
     ) -> None:
         if connections < 1:
@@ -311,6 +441,7 @@ class StreamReader:
         self.block_ms = block_ms
         self.count = count
         self.max_read_pause = max_read_pause
+        self.sweep_interval = sweep_interval
         self.coalesce = coalesce
         self._shards = [_Shard(self, i) for i in range(connections)]
         self._background: set[asyncio.Task[None]] = set()
@@ -325,57 +456,36 @@ class StreamReader:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def read_events(self, request_id: str, silence_limit: float) -> AsyncIterator[StreamEvent]:
-        """Yield the request's events (``start``, ``token``, then ``done`` or ``error``)
-        as they arrive; heartbeats are consumed here, and tokens read together come
-        as one ``token`` event.
+    def _shard(self) -> _Shard:
+        return min(self._shards, key=lambda s: len(s.subs))
 
-        Before a generator has started the job, waiting is unbounded (the caller owns
-        the deadline). After it started, ``silence_limit`` seconds without any entry
-        raise :class:`~services.api.relay.GeneratorLost`. A failed read raises its
-        ``RedisError`` in every stream it covered.
-        """
-        key = stream_key(request_id).encode()
-        sub = _Subscription(key)
-        shard = min(self._shards, key=lambda s: len(s.subs))
+    @staticmethod
+    def _add(shard: _Shard, request_id: str, rung: bool) -> Subscription:
+        sub = _Subscription(stream_key(request_id).encode(), rung)
         shard.add(sub)
+        return Subscription(shard, sub)
+
+    async def subscribe(self, request_id: str) -> Subscription:
+        """Start reading ``request_id``'s stream, before its job is enqueued: the job
+        must carry ``notify_key`` so its generator announces each entry. Raises
+        ``RedisError`` when the doorbell cannot be set up."""
+        shard = self._shard()
+        await shard.ensure_doorbell()
+        return self._add(shard, request_id, rung=True)
+
+    async def read_events(self, request_id: str, silence_limit: float) -> AsyncIterator[StreamEvent]:
+        """The events of a stream whose writer does not announce its entries (no
+        doorbell): every read covers it. Same events and errors as
+        :meth:`Subscription.events`."""
+        subscription = self._add(self._shard(), request_id, rung=False)
         try:
-            started = False
-            last_seen = time.monotonic()
-            while True:
-                timeout = silence_limit - (time.monotonic() - last_seen) if started else None
-                entries = await sub.take(None if timeout is None else max(0.0, timeout))
-                now = time.monotonic()
-                if not entries:
-                    if started and now - last_seen >= silence_limit:
-                        raise GeneratorLost(f"the generator wrote nothing for {now - last_seen:.1f}s")
-                    continue
-                last_seen = now
-                text: list[str] = []
-                count = 0
-                for _entry_id, fields in entries:
-                    event = StreamEvent.from_fields(fields)
-                    if event.type is EventType.TOKEN and self.coalesce:
-                        text.append(event.text)
-                        count += event.tokens
-                        continue
-                    if text:
-                        yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=count)
-                        text, count = [], 0
-                    if event.type is EventType.HEARTBEAT:
-                        continue
-                    if event.type is EventType.START:
-                        started = True
-                    yield event
-                    if event.is_terminal:
-                        return
-                if text:
-                    yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=count)
+            async for event in subscription.events(silence_limit):
+                yield event
         finally:
-            shard.remove(sub)
+            subscription.close()
 
     async def close(self) -> None:
-        """Stop the reader tasks and remove the wake streams."""
+        """Stop the reader tasks and remove the doorbells."""
         for shard in self._shards:
             await shard.close()
         for task in list(self._background):
@@ -383,7 +493,7 @@ class StreamReader:
         try:
             await self.redis.delete(*(shard.wake_key for shard in self._shards))
         except RedisError:
-            logger.warning("removing the stream reader's wake streams failed", exc_info=True)
+            logger.warning("removing the stream reader's doorbells failed", exc_info=True)
 
 
 #: The shared reader of each Redis client, for the module-level ``read_events``.

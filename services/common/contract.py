@@ -42,9 +42,20 @@ def stream_key(request_id: str) -> str:
 
 
 def reader_wake_key(reader_id: str) -> str:
-    """Private stream of one API process's stream reader: an entry wakes its blocked
-    multi-stream ``XREAD`` when a new request's stream must join it."""
+    """Doorbell stream of one API stream reader. A generator appends a request's
+    stream key here (field ``DOORBELL_FIELD``) with every entry it writes to that
+    stream, when the job names it as ``notify_key``: the reader then reads only the
+    streams that changed, not every open one. The API itself appends to wake its
+    blocked read when a stream whose writer does not ring must join it."""
     return f"{KEY_PREFIX}:reader-wake:{reader_id}"
+
+
+#: Field of a doorbell entry that names the request stream written to.
+DOORBELL_FIELD = "s"
+
+#: Entries kept per doorbell (approximate MAXLEN). A reader further behind than this
+#: reads all its streams once instead (it notices from the size of its read).
+DOORBELL_MAXLEN = 10_000
 
 
 def cancel_key(request_id: str) -> str:
@@ -109,6 +120,9 @@ class GenerationJob:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     trace_context: dict[str, str] = field(default_factory=dict)
     lease: Lease | None = None
+    #: The reading API's doorbell (``reader_wake_key``): every entry written to the
+    #: request's stream is announced there. '' for none.
+    notify_key: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form sent through arq (pickled by arq, so keep it to builtins).
@@ -122,6 +136,7 @@ class GenerationJob:
             "sampling": {f.name: getattr(sampling, f.name) for f in _SAMPLING_FIELDS} | {"stop": list(sampling.stop)},
             "trace_context": dict(self.trace_context),
             "lease": {"holder_id": self.lease.holder_id, "fencing_token": self.lease.fencing_token} if self.lease else None,
+            "notify_key": self.notify_key,
         }
 
     @classmethod
@@ -133,6 +148,7 @@ class GenerationJob:
             sampling=_known_fields(SamplingParams, data.get("sampling", {})),
             trace_context=dict(data.get("trace_context", {})),
             lease=Lease(**data["lease"]) if data.get("lease") else None,
+            notify_key=data.get("notify_key", ""),
         )
 
 

@@ -54,7 +54,7 @@ class JobRunner:
             if job.lease is not None:
                 span.set_attribute("chat.fencing_token", job.lease.fencing_token)
             publisher = StreamPublisher(
-                self._redis, job.request_id, self._settings.worker_id, job.lease, self._writer
+                self._redis, job.request_id, self._settings.worker_id, job.lease, self._writer, job.notify_key
             )
             refused = await publisher.should_stop()
             if refused:

@@ -6,8 +6,11 @@ import asyncio
 import time
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from services.common.contract import (
+    DOORBELL_FIELD,
+    DOORBELL_MAXLEN,
     STREAM_MAXLEN,
     STREAM_TTL_SECONDS,
     EventType,
@@ -19,31 +22,37 @@ from services.common.contract import (
 from services.common.semaphore import GENERATIONS, lease_check_lua
 
 # Several fenced writes, of any number of requests, in one call.
-# KEYS: holders, tokens, then per write: stream, cancel.
-# ARGV: maxlen, then per write: holder ('' = unfenced), token, field count, fields...
+# KEYS: holders, tokens, then per write: stream, cancel, doorbell.
+# ARGV: maxlen, then per write: holder ('' = unfenced), token, ring ('1' or ''),
+# field count, fields...
 # Returns per write: 1 written, 0 lease lost, 2 cancelled by the API.
 # Checking the cancel key here, with every write, spares a separate check while
-# tokens flow. NOMKSTREAM: once the API has deleted the stream (client gone), late
-# writes must not recreate it as a key without a TTL.
+# tokens flow. NOMKSTREAM: once the API has deleted the stream (client gone), or its
+# reader's doorbell is gone (API process gone), late writes must not recreate them
+# as keys without a TTL.
 _FENCED_XADDS = (
     """
 local results = {}
 local a = 2
-for i = 1, (#KEYS - 2) / 2 do
-  local n = tonumber(ARGV[a + 2])
-  local holder, token, first = ARGV[a], ARGV[a + 1], a + 3
+for i = 1, (#KEYS - 2) / 3 do
+  local stream, cancel, doorbell = KEYS[3 * i], KEYS[3 * i + 1], KEYS[3 * i + 2]
+  local holder, token, ring, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  local first = a + 4
   a = first + n
-  if redis.call('EXISTS', KEYS[2 + 2 * i]) == 1 then
+  if redis.call('EXISTS', cancel) == 1 then
     results[i] = 2
   else
     local lease_ok = true
     if holder ~= '' then
 """
     + lease_check_lua("KEYS[1]", "KEYS[2]", "holder", "token")
-    + """
+    + f"""
     end
     if lease_ok then
-      redis.call('XADD', KEYS[1 + 2 * i], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, first, a - 1))
+      redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, first, a - 1))
+      if ring == '1' then
+        redis.call('XADD', doorbell, 'NOMKSTREAM', 'MAXLEN', '~', {DOORBELL_MAXLEN}, '*', '{DOORBELL_FIELD}', stream)
+      end
       results[i] = 1
     else
       results[i] = 0
@@ -73,14 +82,17 @@ class FencedWriter:
         self._pending: list[tuple[list[str], list[str], asyncio.Future[int]]] = []
         self._sender: asyncio.Task[None] | None = None
 
-    async def write(self, stream: str, cancel: str, lease_args: list[str], fields: dict[str, str]) -> int:
-        """Append ``fields`` to ``stream`` if the lease holds and ``cancel`` is unset;
-        returns 1 written, 0 lease lost, 2 cancelled."""
+    async def write(
+        self, stream: str, cancel: str, doorbell: str, lease_args: list[str], fields: dict[str, str]
+    ) -> int:
+        """Append ``fields`` to ``stream`` (and announce it on ``doorbell``, unless '')
+        if the lease holds and ``cancel`` is unset; returns 1 written, 0 lease lost,
+        2 cancelled."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        args = [*lease_args, str(2 * len(fields))]
+        args = [*lease_args, "1" if doorbell else "", str(2 * len(fields))]
         for name, value in fields.items():
             args += [name, value]
-        self._pending.append(([stream, cancel], args, future))
+        self._pending.append(([stream, cancel, doorbell or stream], args, future))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send())
         return await future
@@ -126,10 +138,17 @@ class StreamPublisher:
     while the request's lease is valid, checked atomically inside Redis."""
 
     def __init__(
-        self, redis: Redis, request_id: str, worker_id: str, lease: Lease | None, writer: FencedWriter | None = None
+        self,
+        redis: Redis,
+        request_id: str,
+        worker_id: str,
+        lease: Lease | None,
+        writer: FencedWriter | None = None,
+        doorbell: str = "",
     ) -> None:
         self._redis = redis
         self._writer = writer or FencedWriter(redis)
+        self._doorbell = doorbell  # the reading API's (job.notify_key), or ''
         self._key = stream_key(request_id)
         self._cancel_key = cancel_key(request_id)
         self._worker_id = worker_id
@@ -142,7 +161,9 @@ class StreamPublisher:
     async def publish(self, event: StreamEvent) -> None:
         """Append one event. Raises :class:`LeaseLost` when the lease is no longer
         valid; when the API has asked to stop, writes nothing and sets ``cancelled``."""
-        result = await self._writer.write(self._key, self._cancel_key, self._lease_args, event.to_fields())
+        result = await self._writer.write(
+            self._key, self._cancel_key, self._doorbell, self._lease_args, event.to_fields()
+        )
         if result == 0:
             raise LeaseLost(f"the lease of {self._key} is no longer valid")
         if result == 2:
@@ -153,7 +174,16 @@ class StreamPublisher:
     async def publish_unfenced(self, event: StreamEvent) -> None:
         """Append a terminal error even without a lease: telling the client why its
         stream ends acts on no shared resource."""
-        await self._redis.xadd(self._key, event.to_fields(), maxlen=STREAM_MAXLEN, approximate=True, nomkstream=True)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(self._key, event.to_fields(), maxlen=STREAM_MAXLEN, approximate=True, nomkstream=True)
+            self._ring(pipe)
+            await pipe.execute()
+
+    def _ring(self, pipe: Pipeline) -> None:
+        if self._doorbell:
+            pipe.xadd(
+                self._doorbell, {DOORBELL_FIELD: self._key}, maxlen=DOORBELL_MAXLEN, approximate=True, nomkstream=True
+            )
 
     async def start(self) -> None:
         """First entry: tells the API which worker took the job; sets the key's TTL."""
@@ -165,6 +195,7 @@ class StreamPublisher:
                 approximate=True,
             )
             pipe.expire(self._key, STREAM_TTL_SECONDS)
+            self._ring(pipe)
             await pipe.execute()
         self.last_write = time.monotonic()
 
