@@ -516,7 +516,7 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=60, help="tokens per reply in the concurrency sweep")
     parser.add_argument("--levels", default="1,10,50,100,200,400,700,1000")
     parser.add_argument("--ramp", type=float, default=1.0, help="seconds over which a level's streams start")
-    parser.add_argument("--low-load-requests", type=int, default=30)
+    parser.add_argument("--low-load-requests", type=int, default=100)
     parser.add_argument("--low-load-tokens", type=int, default=5)
     parser.add_argument("--generators", type=int, default=1)
     parser.add_argument("--max-seconds", type=float, default=540, help="stop starting new levels after this")

@@ -298,7 +298,6 @@ class _Shard:
         doorbell announced; False when nothing was delivered."""
         items = reply.items() if isinstance(reply, dict) else reply  # RESP3 answers a map
         delivered = False
-        count = self._reader.count
         for key, entries in items:
             if isinstance(key, str):
                 key = key.encode()
@@ -306,7 +305,7 @@ class _Shard:
                 continue
             if key == self.wake_key:
                 self._wake_last_id = _as_bytes(entries[-1][0])
-                if len(entries) >= count:
+                if len(entries) >= self._reader.count:
                     self._next_sweep = 0.0  # rings may have been trimmed: read everything
                 for _entry_id, fields in entries:
                     announced = _as_map(fields).get(_DOORBELL_FIELD)
@@ -320,8 +319,10 @@ class _Shard:
             # The raw reply carries each entry's fields as a flat [field, value, ...] list.
             sub.push([(entry_id, _as_map(fields)) for entry_id, fields in entries])
             delivered = True
-            if len(entries) >= count:
-                self._announced.add(key)  # more to read
+            # The next read covers it again, announced or not: a stream that just had
+            # something is the likeliest to have more, and its next entry then comes
+            # with the read that its ring wakes, not one read later.
+            self._announced.add(key)
         return delivered
 
     async def close(self) -> None:
