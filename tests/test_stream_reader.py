@@ -302,3 +302,24 @@ async def test_a_stream_whose_writer_never_rings_is_still_read_by_the_sweep(redi
     assert token_text(events) == "late" and events[-1].type is EventType.DONE
     subscription.close()
     await reader.close()
+
+
+async def test_the_one_read_per_stream_baseline_decodes_entries_the_same_way(redis: Redis) -> None:
+    from services.api import relay
+
+    for event in [
+        StreamEvent(EventType.START, worker="w"),
+        StreamEvent(EventType.HEARTBEAT),
+        StreamEvent(EventType.TOKEN, text="a"),
+        StreamEvent(EventType.TOKEN, text="bc", tokens=2),
+        StreamEvent(EventType.DONE, finish_reason="stop", completion_tokens=3),
+        StreamEvent(EventType.TOKEN, text="after the end"),
+    ]:
+        await write(redis, "baseline", event)
+    events = await asyncio.wait_for(collect(relay.read_events(redis, "baseline", 5)), 5)
+    assert [(e.type, e.text, e.tokens) for e in events] == [
+        (EventType.START, "", 1),
+        (EventType.TOKEN, "a", 1),
+        (EventType.TOKEN, "bc", 2),
+        (EventType.DONE, "", 1),
+    ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -24,6 +25,44 @@ class GeneratorLost(Exception):
     """The generator that took the job stopped writing (crashed or was killed)."""
 
 
+class EntryDecoder:
+    """Turns a stream's entries, as read, into the events a client is sent: heartbeats
+    are dropped, ``started`` is set by the ``start`` entry, ``finished`` by the terminal
+    one (later entries are ignored), and with ``coalesce`` the tokens of one batch of
+    entries become one ``token`` event."""
+
+    def __init__(self, coalesce: bool) -> None:
+        self.coalesce = coalesce
+        self.started = False
+        self.finished = False
+
+    def decode(self, entries: list[tuple[Any, dict[Any, Any]]]) -> list[StreamEvent]:
+        """The events of one batch of entries, in stream order."""
+        events: list[StreamEvent] = []
+        text: list[str] = []
+        count = 0
+        for _entry_id, fields in entries:
+            event = StreamEvent.from_fields(fields)
+            if event.type is EventType.TOKEN and self.coalesce:
+                text.append(event.text)
+                count += event.tokens
+                continue
+            if text:
+                events.append(StreamEvent(EventType.TOKEN, text="".join(text), tokens=count))
+                text, count = [], 0
+            if event.type is EventType.HEARTBEAT:
+                continue
+            if event.type is EventType.START:
+                self.started = True
+            events.append(event)
+            if event.is_terminal:
+                self.finished = True
+                return events
+        if text:
+            events.append(StreamEvent(EventType.TOKEN, text="".join(text), tokens=count))
+        return events
+
+
 async def read_events(redis: Redis, request_id: str, silence_limit: float) -> AsyncIterator[StreamEvent]:
     """Yield the request's events (``start``, ``token``, then ``done`` or ``error``)
     as they arrive, with blocking reads; heartbeats are consumed here.
@@ -34,11 +73,11 @@ async def read_events(redis: Redis, request_id: str, silence_limit: float) -> As
     """
     key = stream_key(request_id)
     last_id = b"0-0"
-    started = False
+    decoder = EntryDecoder(coalesce=False)
     last_seen = time.monotonic()
     while True:
         block_ms = _BLOCK_MS
-        if started:
+        if decoder.started:
             # Wake up in time to declare a silent generator lost at the limit, not up
             # to one block later.
             remaining = silence_limit - (time.monotonic() - last_seen)
@@ -46,20 +85,16 @@ async def read_events(redis: Redis, request_id: str, silence_limit: float) -> As
         response = await redis.xread({key: last_id}, block=block_ms, count=512)
         now = time.monotonic()
         if not response:
-            if started and now - last_seen > silence_limit:
+            if decoder.started and now - last_seen > silence_limit:
                 raise GeneratorLost(f"the generator wrote nothing for {now - last_seen:.1f}s")
             continue
         last_seen = now
-        for entry_id, fields in response[0][1]:
-            last_id = entry_id
-            event = StreamEvent.from_fields(fields)
-            if event.type is EventType.HEARTBEAT:
-                continue
-            if event.type is EventType.START:
-                started = True
+        entries = response[0][1]
+        last_id = entries[-1][0]
+        for event in decoder.decode(entries):
             yield event
-            if event.is_terminal:
-                return
+        if decoder.finished:
+            return
 
 
 async def delete_stream(redis: Redis, request_id: str) -> None:

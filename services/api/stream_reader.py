@@ -49,11 +49,10 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.api.relay import GeneratorLost
+from services.api.relay import EntryDecoder, GeneratorLost
 from services.common.contract import (
     DOORBELL_FIELD,
     DOORBELL_MAXLEN,
-    EventType,
     StreamEvent,
     reader_wake_key,
     stream_key,
@@ -378,38 +377,21 @@ class Subscription:
         ``RedisError`` in every stream it covered.
         """
         sub = self._sub
-        coalesce = self._shard.coalesce
-        started = False
+        decoder = EntryDecoder(self._shard.coalesce)
         last_seen = time.monotonic()
         while True:
-            timeout = silence_limit - (time.monotonic() - last_seen) if started else None
+            timeout = silence_limit - (time.monotonic() - last_seen) if decoder.started else None
             entries = await sub.take(None if timeout is None else max(0.0, timeout))
             now = time.monotonic()
             if not entries:
-                if started and now - last_seen >= silence_limit:
+                if decoder.started and now - last_seen >= silence_limit:
                     raise GeneratorLost(f"the generator wrote nothing for {now - last_seen:.1f}s")
                 continue
             last_seen = now
-            text: list[str] = []
-            count = 0
-            for _entry_id, fields in entries:
-                event = StreamEvent.from_fields(fields)
-                if event.type is EventType.TOKEN and coalesce:
-                    text.append(event.text)
-                    count += event.tokens
-                    continue
-                if text:
-                    yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=count)
-                    text, count = [], 0
-                if event.type is EventType.HEARTBEAT:
-                    continue
-                if event.type is EventType.START:
-                    started = True
+            for event in decoder.decode(entries):
                 yield event
-                if event.is_terminal:
-                    return
-            if text:
-                yield StreamEvent(EventType.TOKEN, text="".join(text), tokens=count)
+            if decoder.finished:
+                return
 
 
 class StreamReader:
