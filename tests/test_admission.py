@@ -141,17 +141,19 @@ async def test_killed_api_pod_returns_its_permit_and_its_queue_place(stack):
 
 
 async def test_permits_follow_the_slots_of_live_generators(stack):
-    gen_env = synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="200", GENERATOR_SLOTS="2")
+    # Requests of ~1.6 s each (8 tokens at 5/s): the queue outlasts the second
+    # generator's start-up, so the moment its slots count is not a race.
+    gen_env = synthetic_generator_env(tokens_per_second=5, MAX_NEW_TOKENS="200", GENERATOR_SLOTS="2")
     stack.generator(gen_env)
     api = stack.api({"MAX_CONCURRENT_GENERATIONS": "10", "ADMISSION_FOLLOWS_GENERATORS": "true"})
     async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as client:
         tasks = [
-            asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": f"x{i}"}, stop_after_chunks=4))
+            asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": f"x{i}"}, stop_after_chunks=8))
             for i in range(6)
         ]
         await eventually(lambda: stack.redis.zcard(GENERATIONS.queue) == 4, 5, "four to wait")
         assert stack.redis.zcard(GENERATIONS.holders) == 2, "one generator with 2 slots: 2 permits"
         stack.generator(gen_env)  # scale out: two more slots
-        await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) >= 4, 5, "permits to follow")
+        await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) >= 4, 10, "permits to follow")
         replies = await asyncio.gather(*tasks)
-    assert all(r.status == 200 and len(r.chunks) == 4 for r in replies)
+    assert all(r.status == 200 and len(r.chunks) == 8 for r in replies)
