@@ -8,11 +8,17 @@ export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379/0}"
 export API_PORT="${API_PORT:-8000}"
 mkdir -p .run
 pids=()
+redis_pid=""
 
 cleanup() {
     trap - INT TERM EXIT
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    # Redis last: the API and the generator clean up their keys on the way out.
+    if [ -n "$redis_pid" ]; then
+        kill -TERM "$redis_pid" 2>/dev/null || true
+        wait "$redis_pid" 2>/dev/null || true
+    fi
 }
 trap cleanup INT TERM EXIT
 
@@ -23,8 +29,10 @@ PYEOF
 then
     port=$($PY -c 'import os, urllib.parse; print(urllib.parse.urlparse(os.environ["REDIS_URL"]).port or 6379)')
     echo "starting redis-server on 127.0.0.1:$port"
-    redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --logfile .run/redis.log &
-    pids+=($!)
+    # In a session of its own, so that Ctrl-C (sent to the whole foreground group)
+    # does not stop it before the others have finished with it.
+    setsid redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --logfile .run/redis.log &
+    redis_pid=$!
     for _ in $(seq 50); do
         $PY -c 'import os, redis; redis.Redis.from_url(os.environ["REDIS_URL"]).ping()' 2>/dev/null && break
         sleep 0.1
