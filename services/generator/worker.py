@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 from arq import Worker
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import func
 from redis.exceptions import RedisError
 
@@ -23,6 +25,26 @@ from services.generator.job import JobRunner
 from services.generator.settings import GeneratorSettings
 
 logger = logging.getLogger(__name__)
+
+
+# KEYS: queue, then the in-progress key of each job; ARGV: now (ms), in-progress TTL
+# (ms), then the job ids. Returns job id, score, ... of the jobs claimed.
+_CLAIM_JOBS = """
+local now = tonumber(ARGV[1])
+local claimed = {}
+for i = 2, #KEYS do
+  local job_id = ARGV[i + 1]
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local score = redis.call('ZSCORE', KEYS[1], job_id)
+    if score and tonumber(score) <= now then
+      redis.call('PSETEX', KEYS[i], ARGV[2], '1')
+      claimed[#claimed + 1] = job_id
+      claimed[#claimed + 1] = score
+    end
+  end
+end
+return claimed
+"""
 
 
 class WakeableWorker(Worker):
@@ -39,6 +61,7 @@ class WakeableWorker(Worker):
         self.idle_poll_seconds = idle_poll_seconds
         self.wake = asyncio.Event()
         self.drain_started = asyncio.Event()
+        self._claim: Any = None
 
     async def _poll_iteration(self) -> None:
         self.wake.clear()
@@ -50,6 +73,33 @@ class WakeableWorker(Worker):
             logger.warning("polling the job queue failed; retrying", exc_info=True)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.wake.wait(), self.idle_poll_seconds)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Claim and start the jobs a poll found, all claims in one round trip.
+
+        arq claims one job at a time (WATCH, EXISTS, ZSCORE, MULTI/EXEC: four
+        round trips each, one job after another); under load those waits on a busy
+        event loop were most of a job's time from enqueue to start (traces: p90 58
+        ms at 100 streams). The rule is arq's, applied atomically per job in Lua:
+        a job is claimed by setting its in-progress key, only if no worker holds
+        that key and the job is still queued and due.
+        """
+        ids = [job_id.decode() for job_id in job_ids[: max(0, self.max_jobs - self.job_counter)]]
+        if not ids:
+            return
+        if self._claim is None:
+            self._claim = self.pool.register_script(_CLAIM_JOBS)
+        claimed = await self._claim(
+            keys=[self.queue_name, *(in_progress_key_prefix + job_id for job_id in ids)],
+            args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), *ids],
+        )
+        for job_id, score in zip(claimed[::2], claimed[1::2]):
+            job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
+            await self.sem.acquire()  # never waits: at most max_jobs - job_counter claims
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
         """SIGTERM/SIGINT (e.g. a Kubernetes scale-in): stop taking jobs, let the
