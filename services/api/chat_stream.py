@@ -32,7 +32,7 @@ from services.api.sessions import SessionStore, Turn, turns_to_messages
 from services.api.settings import ApiSettings, ResponseFormat
 from services.api.validation import check_body_size, parse_chat_request, read_body
 from services.common.contract import ChatMessage, SamplingParams, new_request_id
-from services.common.redis_client import arq_redis_from_url
+from services.common.redis_client import arq_redis_from_url, redis_from_url
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +48,27 @@ class ChatStream:
         settings = settings or ApiSettings()
         self.settings = settings
         self.redis = redis or arq_redis_from_url(settings.redis_url)
+        # Sessions may live in a Redis of their own (SESSION_REDIS_URL): filling it
+        # with conversations can then never evict or refuse what admission and the
+        # streams need.
+        session_redis = self.redis
+        if settings.session_redis_url and settings.session_redis_url != settings.redis_url:
+            session_redis = redis_from_url(settings.session_redis_url)
         self.sessions = SessionStore(
-            self.redis, settings.session_secret, settings.session_cookie, settings.session_ttl_seconds
+            session_redis,
+            settings.session_secret_list,
+            settings.session_cookie,
+            settings.session_ttl_seconds,
+            max_bytes=settings.history_max_bytes,
+            always_secure=settings.cookie_always_secure,
         )
         self.generation = GenerationService(settings, self.redis)
 
     async def close(self) -> None:
-        """Stop background listeners and close the Redis pool."""
+        """Stop background listeners and close the Redis pools."""
         await self.generation.close()
+        if self.sessions.redis is not self.redis:
+            await self.sessions.redis.aclose()
         await self.redis.aclose()
 
     async def handle_chat_stream_request(
@@ -77,7 +90,7 @@ class ChatStream:
                 body = request_body
                 check_body_size(body, self.settings.max_body_bytes)
             chat_request = parse_chat_request(body, self.settings.max_input_chars)
-            session_id, new_session = self.sessions.session_id(request)
+            session_id, _ = self.sessions.session_id(request)
             try:
                 history = await self.sessions.history(session_id, self.settings.history_max_turns + 1)
             except RedisError as exc:
@@ -107,10 +120,9 @@ class ChatStream:
             except RedisError:
                 logger.exception("recording the reply of %s in its session failed", request_id)
 
-        headers = []
-        if new_session:
-            secure = request.url.scheme == "https"
-            headers.append((b"set-cookie", self.sessions.set_cookie_header(session_id, secure).encode()))
+        # Re-signed with every reply: the signature's timestamp is what expires an
+        # idle (or stolen and unused) cookie on the server.
+        headers = [(b"set-cookie", self.sessions.set_cookie_header(session_id, request).encode())]
         framer, sse = self._framer(request)
         if sse:
             headers.append((b"cache-control", b"no-cache"))

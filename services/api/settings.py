@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 
 from services.common.settings import CommonSettings
 
@@ -38,15 +38,49 @@ class ApiSettings(CommonSettings):
     response_format: ResponseFormat = Field(
         ResponseFormat.PLAIN, description="Default framing of /chat_stream: plain or chatstream (SSE when the client sends Accept: text/event-stream)."
     )
+    api_internal_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port that serves /metrics, /healthz and /readyz apart from the API, so an ingress that exposes the API does not expose them (0 = serve them on API_PORT).",
+    )
     environment: Environment = Field(
         Environment.DEVELOPMENT,
-        description="development (a fixed session secret is fine) or production (refuse to start without a real SESSION_SECRET).",
+        description="development (a fixed session secret and anonymous access are fine) or production (refuse to start without real SESSION_SECRETS and API keys, secure cookies).",
     )
-    session_secret: str = Field(DEV_SESSION_SECRET, description="Key that signs session cookies.")
+    allow_anonymous: bool = Field(
+        False,
+        description="With ENVIRONMENT=production, start without API_KEYS/API_KEYS_FILE (anyone who reaches the API may use it); otherwise production refuses to start.",
+    )
+    session_secrets: SecretStr = Field(
+        DEV_SESSION_SECRET,  # type: ignore[assignment]  # a SecretStr, so repr() and logs never show it
+        validate_default=True,
+        validation_alias=AliasChoices("session_secrets", "session_secret"),
+        description="Comma-separated keys that sign session cookies (HMAC-SHA-256); the first signs, all verify, so a key can be rotated without logging everyone out. SESSION_SECRET is read too.",
+    )
     session_cookie: str = Field("sid", description="Name of the session cookie.")
-    session_ttl_seconds: int = Field(86400, ge=60, description="A session's history expires after this long unused.")
+    session_cookie_secure: bool = Field(
+        False,
+        description="Mark the session cookie Secure even when the request arrived over plain HTTP (e.g. behind a TLS-terminating ingress); always on with ENVIRONMENT=production.",
+    )
+    session_ttl_seconds: int = Field(
+        86400, ge=60, description="A session's history expires after this long unused, and so does its cookie's signature (checked on the server)."
+    )
+    session_redis_url: str = Field(
+        "",
+        description="Redis for the chat sessions alone (its own memory limit and eviction policy); empty = REDIS_URL.",
+    )
     history_max_turns: int = Field(20, ge=0, description="Most recent exchanges sent to the model as context.")
+    history_max_bytes: int = Field(
+        131072,
+        ge=1024,
+        description="Largest stored history of one session in bytes (UTF-8 JSON); the oldest turns are dropped beyond it.",
+    )
     system_prompt: str = Field("", description="Optional system message placed before every conversation.")
+    allow_client_system_prompt: bool = Field(
+        False,
+        description="Let a system message of a /v1/chat/completions request replace SYSTEM_PROMPT; by default SYSTEM_PROMPT stays first and the client's follows it.",
+    )
     max_body_bytes: int = Field(
         65536, ge=1024, description="Largest request body accepted by /chat_stream (HTTP 413 beyond, refused before it is read whole)."
     )
@@ -94,17 +128,41 @@ class ApiSettings(CommonSettings):
         "", description="File with more API keys, one per line (e.g. a mounted Kubernetes Secret); re-read when it changes."
     )
     cors_allow_origins: str = Field(
-        "", description="Comma-separated origins allowed to call the API from a browser (CORS); empty = CORS off, * = any."
+        "",
+        description="Comma-separated origins allowed to call the API from a browser (CORS), and to send cookie-authenticated POSTs (/chat_stream, /clear_context); empty = only the API's own origin, * = any.",
     )
 
+    @property
+    def session_secret_list(self) -> list[str]:
+        """SESSION_SECRETS as a list, newest (the one that signs) first."""
+        return [s.strip() for s in self.session_secrets.get_secret_value().split(",") if s.strip()]
+
+    @property
+    def sessions_redis_url(self) -> str:
+        """Where sessions live: SESSION_REDIS_URL, or REDIS_URL when it is empty."""
+        return self.session_redis_url or self.redis_url
+
+    @property
+    def cookie_always_secure(self) -> bool:
+        """Whether the session cookie is Secure whatever the request's scheme."""
+        return self.session_cookie_secure or self.environment is Environment.PRODUCTION
+
     @model_validator(mode="after")
-    def _production_needs_a_session_secret(self) -> ApiSettings:
-        """Production mode refuses the development secret (anyone could forge sessions with it)."""
-        if self.environment is Environment.PRODUCTION:
-            secret = self.session_secret.strip()
-            if secret == DEV_SESSION_SECRET or len(secret) < MIN_SESSION_SECRET_CHARS:
-                raise ValueError(
-                    "ENVIRONMENT=production needs SESSION_SECRET set to a random value of at least "
-                    f"{MIN_SESSION_SECRET_CHARS} characters (e.g. `openssl rand -hex 32`), not the development default"
-                )
+    def _production_needs_secrets_and_keys(self) -> ApiSettings:
+        """Production mode refuses what is only fit for a laptop: the development
+        secret (anyone could forge sessions with it) and, unless said explicitly,
+        an API open to anyone who reaches it."""
+        if self.environment is not Environment.PRODUCTION:
+            return self
+        secrets = self.session_secret_list
+        if not secrets or any(s == DEV_SESSION_SECRET or len(s) < MIN_SESSION_SECRET_CHARS for s in secrets):
+            raise ValueError(
+                "ENVIRONMENT=production needs SESSION_SECRETS (or SESSION_SECRET) set to random values of at least "
+                f"{MIN_SESSION_SECRET_CHARS} characters (e.g. `openssl rand -hex 32`), not the development default"
+            )
+        if not (self.api_keys.get_secret_value().strip() or self.api_keys_file) and not self.allow_anonymous:
+            raise ValueError(
+                "ENVIRONMENT=production needs API_KEYS or API_KEYS_FILE; set ALLOW_ANONYMOUS=true to let anyone "
+                "who reaches the API use it"
+            )
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from arq.connections import ArqRedis, RedisSettings
+from redis.asyncio import Redis
 
 
 def arq_redis_from_url(url: str) -> ArqRedis:
@@ -13,6 +14,12 @@ def arq_redis_from_url(url: str) -> ArqRedis:
     seconds instead of hanging a request.
     """
     return ArqRedis.from_url(url, socket_connect_timeout=2.0, health_check_interval=10)
+
+
+def redis_from_url(url: str) -> Redis:
+    """A plain asyncio Redis client for ``url`` (say, the session store), with the
+    same bounded connect timeout as :func:`arq_redis_from_url`."""
+    return Redis.from_url(url, socket_connect_timeout=2.0, health_check_interval=10)
 
 
 def arq_settings_from_url(url: str) -> RedisSettings:
