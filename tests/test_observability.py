@@ -6,22 +6,11 @@ import asyncio
 import json
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import synthetic_generator_env, tiny_generator_env
-from tests.support.client import stream_chat
+from tests.support.client import scrape, stream_chat
 from tests.support.otlp import OtlpReceiver
 from tests.support.processes import eventually
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Samples of a Prometheus endpoint: 'name{label="v",...}' → value."""
-    samples = {}
-    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
 
 
 async def test_metrics_of_both_pods_move_with_real_requests(stack):

@@ -16,6 +16,7 @@ from services.common.contract import (
     WAKE_CHANNEL,
     GenerationJob,
     cancel_key,
+    serialize_job,
 )
 from services.common.telemetry import inject_context
 
@@ -26,6 +27,12 @@ class JobQueue:
     """The API side of the arq queue."""
 
     def __init__(self, arq: ArqRedis) -> None:
+        if arq.job_serializer is not serialize_job:
+            # arq would pickle the job, and generators reject pickles (unpickling runs code).
+            raise ValueError(
+                "the job queue's ArqRedis must serialize jobs as JSON: create it with "
+                "services.common.redis_client.arq_redis_from_url"
+            )
         self._arq = arq
 
     async def enqueue(self, job: GenerationJob) -> None:

@@ -12,7 +12,11 @@ import json
 import secrets
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Gt, Le, Len
+from pydantic import StringConstraints, TypeAdapter, ValidationError
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 #: Every key this service writes starts with this prefix, so one Redis can be shared.
 KEY_PREFIX = "chatstream"
@@ -73,16 +77,26 @@ def new_request_id() -> str:
     return secrets.token_hex(16)
 
 
+#: Most stop strings per request, and the longest one (characters): OpenAI's count,
+#: and a length that keeps the generator's per-token matching cheap.
+MAX_STOP_STRINGS = 4
+MAX_STOP_STRING_CHARS = 256
+
+StopStrings = Annotated[list[Annotated[str, Len(1, MAX_STOP_STRING_CHARS)]], Len(0, MAX_STOP_STRINGS)]
+Role = Literal["system", "user", "assistant"]
+RequestId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling settings; ``None`` means "the generator's default"."""
 
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
-    stop: list[str] = field(default_factory=list)
+    max_new_tokens: Annotated[int, Ge(1)] | None = None
+    temperature: Annotated[float, Ge(0)] | None = None
+    top_p: Annotated[float, Gt(0), Le(1)] | None = None
+    top_k: Annotated[int, Ge(0)] | None = None
+    repetition_penalty: Annotated[float, Gt(0)] | None = None
+    stop: StopStrings = field(default_factory=list)
     #: Seeds this request's sampling, so the same request gives the same reply (on the
     #: same generator, model and batch composition); ``None``: unseeded.
     seed: int | None = None
@@ -92,7 +106,7 @@ class SamplingParams:
 class ChatMessage:
     """One message of a conversation, in the roles of chat templates."""
 
-    role: str
+    role: Role
     content: str
 
 
@@ -115,8 +129,8 @@ class GenerationJob:
     continues the caller's trace.
     """
 
-    request_id: str
-    messages: list[ChatMessage]
+    request_id: RequestId
+    messages: Annotated[list[ChatMessage], Len(1)]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     trace_context: dict[str, str] = field(default_factory=dict)
     lease: Lease | None = None
@@ -125,7 +139,7 @@ class GenerationJob:
     notify_key: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form sent through arq (pickled by arq, so keep it to builtins).
+        """Plain-data form sent through arq (as JSON: see :func:`serialize_job`).
 
         The same as ``dataclasses.asdict``, built directly: asdict's generic deep copy
         was half of the cost of enqueueing a job with a long history."""
@@ -141,25 +155,73 @@ class GenerationJob:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenerationJob:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            request_id=data["request_id"],
-            messages=[ChatMessage(role=m["role"], content=m["content"]) for m in data["messages"]],
-            sampling=_known_fields(SamplingParams, data.get("sampling", {})),
-            trace_context=dict(data.get("trace_context", {})),
-            lease=Lease(**data["lease"]) if data.get("lease") else None,
-            notify_key=data.get("notify_key", ""),
-        )
+        """Inverse of :meth:`to_dict`, validated against the types above.
+
+        Fields this version does not know are ignored: a newer API may send them to
+        an older generator during a rolling upgrade. Raises ``pydantic.ValidationError``.
+        """
+        return _GENERATION_JOB.validate_python(data)
 
 
 _SAMPLING_FIELDS = fields(SamplingParams)
+_GENERATION_JOB = TypeAdapter(GenerationJob)
 
 
-def _known_fields(cls: type, data: dict[str, Any]) -> Any:
-    # A newer API may send fields an older generator does not know yet (during a
-    # rolling upgrade): ignore them rather than fail the job.
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in names})
+class _ArqJob(TypedDict):
+    """arq's envelope of a job (``arq.jobs.serialize_job``), as the generator accepts it."""
+
+    t: int | None  # the try
+    f: Literal["generate"]  # GENERATE_FUNCTION
+    a: tuple[GenerationJob]
+    k: Annotated[dict[str, Any], Len(0, 0)]
+    et: int  # enqueue time (ms)
+
+
+_ARQ_JOB = TypeAdapter(_ArqJob)
+
+
+class JobRejected(ValueError):
+    """A job that is not a generation job of this contract; it must not run.
+
+    ``reason`` is a metric label: ``not_json``, ``unknown_function`` or ``bad_schema``.
+    ``detail`` names the offending fields but never echoes their values (they may be
+    a user's text, or an attacker's payload)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def serialize_job(data: dict[str, Any]) -> bytes:
+    """arq's ``job_serializer`` on both sides: JSON, never pickle.
+
+    arq pickles by default, and unpickling runs code: anyone who can write a key
+    into Redis would run code in every generator pod. A job is plain data
+    (:meth:`GenerationJob.to_dict`). arq also serializes a failed job's result
+    with this (an exception, kept nowhere since ``keep_result=0``): ``str`` it.
+    """
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+
+
+def deserialize_job(raw: bytes) -> dict[str, Any]:
+    """arq's ``job_deserializer``: the envelope of a generation job, whose one
+    argument is already a validated :class:`GenerationJob`; raises
+    :class:`JobRejected` for anything else (a pickle, another function, bad fields)."""
+    try:
+        envelope = dict(_ARQ_JOB.validate_json(raw))
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        if any(e["type"] == "json_invalid" for e in errors):
+            raise JobRejected("not_json", "the job is not JSON") from None
+        if any(e["loc"][:1] == ("f",) for e in errors):
+            raise JobRejected("unknown_function", f"the only job function is {GENERATE_FUNCTION!r}") from None
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'job'}: {e['msg']}" for e in errors[:5])
+        raise JobRejected("bad_schema", detail) from None
+    if envelope["a"][0].lease is None:
+        # Every write a generator makes is fenced by the permit the job runs under.
+        raise JobRejected("bad_schema", "a.0.lease: a job must carry the lease of its permit")
+    return envelope
 
 
 class EventType(str, Enum):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from arq.connections import ArqRedis, RedisSettings
 from redis.asyncio import Redis
 
+from services.common.contract import deserialize_job, serialize_job
+
 
 def arq_redis_from_url(url: str) -> ArqRedis:
     """An asyncio Redis client for ``url`` that can also enqueue arq jobs.
@@ -13,7 +15,11 @@ def arq_redis_from_url(url: str) -> ArqRedis:
     timeout is bounded so that a Redis that is down surfaces as an error within
     seconds instead of hanging a request.
     """
-    return ArqRedis.from_url(url, socket_connect_timeout=2.0, health_check_interval=10)
+    redis = ArqRedis.from_url(url, socket_connect_timeout=2.0, health_check_interval=10)
+    # from_url passes no arguments to ArqRedis itself; jobs are JSON, never pickle.
+    redis.job_serializer = serialize_job
+    redis.job_deserializer = deserialize_job
+    return redis
 
 
 def redis_from_url(url: str) -> Redis:

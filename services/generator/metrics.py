@@ -23,6 +23,15 @@ TIME_TO_FIRST_TOKEN = Histogram(
 )
 ACTIVE_JOBS = Gauge("chatstream_generator_active_jobs", "Generations running now.", registry=REGISTRY)
 JOBS = Counter("chatstream_generator_jobs_total", "Jobs by outcome (finish reason or error code).", ["outcome"], registry=REGISTRY)
+JOBS_REJECTED = Counter(
+    "chatstream_generator_jobs_rejected_total",
+    "Jobs found in the queue that are not generation jobs of this contract (not JSON, another function, "
+    "bad fields) and were removed without running.",
+    ["reason"],
+    registry=REGISTRY,
+)
+for _reason in ("not_json", "unknown_function", "bad_schema"):
+    JOBS_REJECTED.labels(reason=_reason)  # exported as 0 from the start, so alerts can rate() it
 MODEL_LOAD_SECONDS = Gauge(
     "chatstream_generator_model_load_seconds", "Time it took to load the model at start-up.", registry=REGISTRY
 )

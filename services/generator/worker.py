@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import signal
 import time
@@ -15,7 +16,15 @@ from arq.utils import timestamp_ms
 from arq.worker import func
 from redis.exceptions import RedisError
 
-from services.common.contract import GENERATE_FUNCTION, QUEUE_NAME, WAKE_CHANNEL, GenerationJob
+from services.common.contract import (
+    GENERATE_FUNCTION,
+    QUEUE_NAME,
+    WAKE_CHANNEL,
+    GenerationJob,
+    JobRejected,
+    deserialize_job,
+    serialize_job,
+)
 from services.common.pubsub import listen_forever
 from services.common.redis_client import arq_settings_from_url
 from services.common.registry import register_generator, unregister_generator
@@ -45,6 +54,27 @@ for i = 2, #KEYS do
 end
 return claimed
 """
+
+
+#: The id of the job arq is starting in this task, for the deserializer's log line
+#: and its check that the job is the request it names (arq passes it no id).
+_starting_job_id: contextvars.ContextVar[str] = contextvars.ContextVar("starting_job_id", default="")
+
+
+def _deserialize_job(raw: bytes) -> dict[str, Any]:
+    """arq's job deserializer here: JSON in the contract's schema, or the job is
+    rejected before anything of it runs. arq then fails the job, which removes it
+    from the queue; the worker goes on serving."""
+    job_id = _starting_job_id.get()
+    try:
+        envelope = deserialize_job(raw)
+        if envelope["a"][0].request_id != job_id:
+            raise JobRejected("bad_schema", "request_id is not the job's id")
+    except JobRejected as exc:
+        metrics.JOBS_REJECTED.labels(reason=exc.reason).inc()
+        logger.warning("rejected job %s without running it (%s): %s", job_id, exc.reason, exc.detail)
+        raise
+    return envelope
 
 
 class WakeableWorker(Worker):
@@ -101,6 +131,11 @@ class WakeableWorker(Worker):
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
 
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's run_job, with the job's id known to :func:`_deserialize_job`."""
+        _starting_job_id.set(job_id)  # each job runs in a task of its own: no reset needed
+        await super().run_job(job_id, score)
+
     def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
         """SIGTERM/SIGINT (e.g. a Kubernetes scale-in): stop taking jobs, let the
         running streams finish for up to DRAIN_SECONDS (arq's job_completion_wait),
@@ -109,10 +144,10 @@ class WakeableWorker(Worker):
         super().handle_sig_wait_for_completion(signum)
 
 
-async def _generate(ctx: dict[str, Any], job: dict[str, Any]) -> str:
+async def _generate(ctx: dict[str, Any], job: GenerationJob) -> str:
     runner: JobRunner = ctx["runner"]
     try:
-        return await runner.run(GenerationJob.from_dict(job))
+        return await runner.run(job)
     finally:
         ctx["wake"].set()  # a slot is free: look at the queue now, not at the next poll
 
@@ -181,6 +216,8 @@ def build_worker(settings: GeneratorSettings) -> WakeableWorker:
         ],
         queue_name=QUEUE_NAME,
         redis_settings=arq_settings_from_url(settings.redis_url),
+        job_serializer=serialize_job,
+        job_deserializer=_deserialize_job,
         on_startup=on_startup,
         on_shutdown=on_shutdown,
         max_jobs=settings.generator_slots,

@@ -74,3 +74,15 @@ async def stream_chat(
         except httpx.HTTPError as exc:
             reply.error = exc
     return reply
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Samples of a Prometheus endpoint: 'name{label="v",...}' → value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
