@@ -6,6 +6,7 @@ key and add its id to the queue, with no help from the API."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pickle
@@ -16,8 +17,10 @@ import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from services.common.contract import QUEUE_NAME, WAKE_CHANNEL, ChatMessage, GenerationJob, Lease, new_request_id
+from services.common.redis_client import arq_settings_from_url
+from services.common.semaphore import GENERATIONS
 from tests.conftest import synthetic_generator_env
-from tests.support.client import scrape
+from tests.support.client import scrape, stream_chat
 from tests.support.processes import wait_until
 
 REJECTED = "chatstream_generator_jobs_rejected_total"
@@ -107,3 +110,38 @@ def test_jobs_outside_the_contract_are_removed_without_running(stack, make_paylo
     log = generator.log()
     assert "request " not in log.replace(f"rejected job {job_id}", ""), "the job reached the job runner"
     assert generator.alive()
+
+
+async def test_during_a_rolling_upgrade_a_job_an_older_generator_rejects_fails_fast(stack):
+    """An older generator (arq's default pickle) fails the JSON job of a newer API;
+    the API notices that its job is gone without a start and answers 503 at once,
+    instead of holding the client until its deadline."""
+    from arq.worker import Worker, func
+
+    async def generate(ctx, job):  # never reached: the job cannot be unpickled
+        raise AssertionError("an older generator ran a JSON job")
+
+    older = Worker(
+        functions=[func(generate, name="generate")],
+        queue_name=QUEUE_NAME,
+        redis_settings=arq_settings_from_url(stack.redis_server.url),
+        poll_delay=0.05,
+        keep_result=0,
+    )
+    api = stack.api({"REQUEST_TIMEOUT_SECONDS": "60"})
+    worker_task = asyncio.create_task(older.async_run())
+    try:
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+            started = time.monotonic()
+            reply = await client.post("/chat_stream", json={"user_input": "hi"})
+            elapsed = time.monotonic() - started
+            sse = await stream_chat(client, "/chat_stream", {"user_input": "hi"}, sse=True)
+    finally:
+        worker_task.cancel()
+        await older.close()
+    assert reply.status_code == 503 and reply.json()["error"] == "job_lost", reply.text
+    assert elapsed < 5, f"took {elapsed:.1f}s"
+    event, data = sse.sse_events()[-1]
+    assert event == "error" and data["code"] == "job_lost" and "try again" in data["message"]
+    assert stack.redis.zcard(GENERATIONS.holders) == 0, "the permit is back"
+

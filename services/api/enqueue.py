@@ -48,6 +48,11 @@ class JobQueue:
                 raise RuntimeError(f"a job with id {job.request_id} already exists")
             await self._arq.publish(WAKE_CHANNEL, job.request_id)
 
+    async def is_pending(self, request_id: str) -> bool:
+        """Whether the request's job still waits in the queue or runs: arq deletes
+        the job's key when it finishes, fails or is rejected."""
+        return bool(await self._arq.exists(job_key_prefix + request_id))
+
     async def withdraw(self, request_id: str) -> bool:
         """Stop a request's generation wherever it is.
 

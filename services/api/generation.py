@@ -26,7 +26,7 @@ from services.api.enqueue import JobQueue
 from services.api.errors import ApiError
 from services.api.framing import Framer
 from services.api.outcome import Callback, CallbackMessage, invoke_callback
-from services.api.relay import GeneratorLost, delete_stream
+from services.api.relay import GeneratorLost, JobLost, delete_stream
 from services.api.response import Queued, RelayProgress, RelayResponse, StreamFailed
 from services.api.settings import ApiSettings
 from services.api.stream_reader import StreamReader, Subscription
@@ -148,7 +148,10 @@ class GenerationService:
                 relay_span = tracer.start_span("relay", context=parent, attributes={"chat.request_id": request_id})
                 parts: list[str] = []
                 try:
-                    async for event in subscription.events(self.settings.generator_silence_seconds):
+                    events = subscription.events(
+                        self.settings.generator_silence_seconds, job_pending=lambda: self.queue.is_pending(request_id)
+                    )
+                    async for event in events:
                         if event.type is EventType.START:
                             relay_span.set_attribute("chat.worker", event.worker)
                         elif event.type is EventType.TOKEN:
@@ -166,6 +169,10 @@ class GenerationService:
                         yield event
                 except GeneratorLost as exc:
                     raise StreamFailed("generator_lost", f"the generator stopped responding: {exc}") from None
+                except JobLost:
+                    raise StreamFailed(
+                        "job_lost", "no generator started the request (it was rejected or expired); try again"
+                    ) from None
                 except RedisError as exc:
                     raise StreamFailed("redis_unavailable", f"lost the connection to Redis: {exc}") from None
             finally:

@@ -25,6 +25,11 @@ class GeneratorLost(Exception):
     """The generator that took the job stopped writing (crashed or was killed)."""
 
 
+class JobLost(Exception):
+    """The job left the queue without a generator starting it: a generator rejected
+    it (say, one of another version during a rolling upgrade) or it expired."""
+
+
 class EntryDecoder:
     """Turns a stream's entries, as read, into the events a client is sent: heartbeats
     are dropped, ``started`` is set by the ``start`` entry, ``finished`` by the terminal

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 _STATUS_FOR_CODE = {
     "prompt_too_long": 422,
     "generator_lost": 503,
+    "job_lost": 503,
     "redis_unavailable": 503,
     "queue_timeout": 503,
     "lease_lost": 503,

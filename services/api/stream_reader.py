@@ -43,13 +43,13 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.api.relay import EntryDecoder, GeneratorLost
+from services.api.relay import EntryDecoder, GeneratorLost, JobLost
 from services.common.contract import (
     DOORBELL_FIELD,
     DOORBELL_MAXLEN,
@@ -71,6 +71,11 @@ DEFAULT_COUNT = 512
 
 #: How often a read covers every open stream, whether announced or not.
 DEFAULT_SWEEP_INTERVAL = 1.0
+
+#: How often a request whose job has not started yet checks that the job still
+#: exists. At least the sweep interval, so that the second of two looks comes after
+#: a read that covered the stream.
+JOB_CHECK_SECONDS = 1.0
 
 #: Lifetime of a doorbell after the reader last refreshed it, so a killed process
 #: leaves nothing behind (generators never recreate a missing doorbell).
@@ -366,26 +371,43 @@ class Subscription:
         """Stop reading the stream (entries not consumed yet are dropped)."""
         self._shard.remove(self._sub)
 
-    async def events(self, silence_limit: float) -> AsyncIterator[StreamEvent]:
+    async def events(
+        self, silence_limit: float, job_pending: Callable[[], Awaitable[bool]] | None = None
+    ) -> AsyncIterator[StreamEvent]:
         """Yield the request's events (``start``, ``token``, then ``done`` or ``error``)
         as they arrive; heartbeats are consumed here, and tokens read together come
         as one ``token`` event.
 
-        Before a generator has started the job, waiting is unbounded (the caller owns
-        the deadline). After it started, ``silence_limit`` seconds without any entry
-        raise :class:`~services.api.relay.GeneratorLost`. A failed read raises its
+        Before a generator has started the job, waiting is bounded only by the caller's
+        deadline, unless ``job_pending`` is given: it is asked every
+        ``JOB_CHECK_SECONDS`` whether the job still waits or runs, and twice "no" in a
+        row with nothing read raises :class:`~services.api.relay.JobLost` (the second
+        look lets the entries of a job that just finished arrive). After it started,
+        ``silence_limit`` seconds without any entry raise
+        :class:`~services.api.relay.GeneratorLost`. A failed read raises its
         ``RedisError`` in every stream it covered.
         """
         sub = self._sub
         decoder = EntryDecoder(self._shard.coalesce)
         last_seen = time.monotonic()
+        job_missing = False
         while True:
-            timeout = silence_limit - (time.monotonic() - last_seen) if decoder.started else None
-            entries = await sub.take(None if timeout is None else max(0.0, timeout))
+            if decoder.started:
+                timeout: float | None = max(0.0, silence_limit - (time.monotonic() - last_seen))
+            else:
+                timeout = JOB_CHECK_SECONDS if job_pending is not None else None
+            entries = await sub.take(timeout)
             now = time.monotonic()
             if not entries:
                 if decoder.started and now - last_seen >= silence_limit:
                     raise GeneratorLost(f"the generator wrote nothing for {now - last_seen:.1f}s")
+                if not decoder.started and job_pending is not None:
+                    if await job_pending():
+                        job_missing = False
+                    elif job_missing:
+                        raise JobLost("the job left the queue without being started by a generator")
+                    else:
+                        job_missing = True
                 continue
             last_seen = now
             for event in decoder.decode(entries):
