@@ -33,13 +33,16 @@ from services.api.generation import GenerationRequest, GenerationService
 from services.api.outcome import Callback
 from services.api.settings import ApiSettings
 from services.api.validation import describe_validation_errors, load_json_object, read_body
-from services.common.contract import ChatMessage, SamplingParams, new_request_id
+from services.common.contract import (
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    ChatMessage,
+    SamplingParams,
+    new_request_id,
+)
 
 #: Every route of this module lives under this prefix.
 OPENAI_PREFIX = "/v1"
-
-#: OpenAI's limit on stop sequences per request.
-MAX_STOP_SEQUENCES = 4
 
 
 def error_type(status: int) -> str:
@@ -165,9 +168,15 @@ def parse_completion_request(body: bytes) -> ChatCompletionRequest:
         ) from None
     if request.n not in (None, 1):
         raise OpenAIError(400, "unsupported_parameter", "n: only n=1 is supported", param="n")
-    if isinstance(request.stop, list) and len(request.stop) > MAX_STOP_SEQUENCES:
+    stop = request.sampling().stop
+    if len(stop) > MAX_STOP_STRINGS:
+        raise OpenAIError(400, "invalid_request", f"stop: at most {MAX_STOP_STRINGS} sequences are allowed", param="stop")
+    if any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
         raise OpenAIError(
-            400, "invalid_request", f"stop: at most {MAX_STOP_SEQUENCES} sequences are allowed", param="stop"
+            400,
+            "invalid_request",
+            f"stop: each sequence may have at most {MAX_STOP_STRING_CHARS} characters",
+            param="stop",
         )
     return request
 
@@ -328,7 +337,10 @@ class OpenAICompat:
             return openai_error_response(error)
 
         messages = [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in completion.messages]
-        if self.settings.system_prompt and not any(m.role == "system" for m in messages):
+        # The operator's system prompt comes first, and a client's own system message
+        # follows it, unless ALLOW_CLIENT_SYSTEM_PROMPT lets the client's replace it.
+        client_replaces = self.settings.allow_client_system_prompt and any(m.role == "system" for m in messages)
+        if self.settings.system_prompt and not client_replaces:
             messages.insert(0, ChatMessage("system", self.settings.system_prompt))
         model = completion.model or self.settings.model_name
         completion_id = f"chatcmpl-{request_id}"

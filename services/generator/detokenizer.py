@@ -9,7 +9,9 @@ while it ends in an incomplete character.
 
 Stop strings are handled here as well: text that might be the start of a stop
 string is held back until it is clear, and a stop string ends the reply without
-being sent.
+being sent. Matching is incremental (Knuth-Morris-Pratt, one automaton per stop
+string), so each character of the reply costs O(1) per stop string whatever the
+stop strings' length; rescanning the held-back text for every token was quadratic.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
-        self._stop = [s for s in (stop or []) if s]
+        self._stop = [_StopAutomaton(s) for s in (stop or []) if s]
         self._pending = ""  # decoded text not yet released (possible stop-string prefix)
         self.text = ""  # everything released so far
         self.stopped = False  # a stop string was found
@@ -63,21 +65,53 @@ class IncrementalDetokenizer:
             self.text += new_text
             return new_text
         pending = self._pending + new_text
-        cut = min((i for i in (pending.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            self._pending = ""
-            self.text += pending[:cut]
-            return pending[:cut]
-        hold = max((_overlap(pending, s) for s in self._stop), default=0)
+        base = len(self._pending)
+        for i, char in enumerate(new_text):
+            for automaton in self._stop:
+                if automaton.feed(char):
+                    # The first stop string to complete ends the reply; it began within
+                    # the held-back text at the latest, which is never shorter than the
+                    # longest partial match.
+                    cut = base + i + 1 - len(automaton.stop)
+                    self.stopped = True
+                    self._pending = ""
+                    self.text += pending[:cut]
+                    return pending[:cut]
+        hold = max(automaton.matched for automaton in self._stop)
         ready, self._pending = pending[: len(pending) - hold], pending[len(pending) - hold :]
         self.text += ready
         return ready
 
 
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
+class _StopAutomaton:
+    """Knuth-Morris-Pratt matcher of one stop string over a stream of characters.
+
+    ``matched`` is the length of the longest suffix of the text fed so far that is
+    a proper prefix of ``stop``: the text that must be held back because it may yet
+    become the stop string."""
+
+    def __init__(self, stop: str) -> None:
+        self.stop = stop
+        self.matched = 0
+        # failure[i]: length of the longest proper border of stop[: i + 1].
+        self._failure = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self._failure[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self._failure[i] = k
+
+    def feed(self, char: str) -> bool:
+        """Advance by one character; True when the stop string just completed."""
+        k = self.matched
+        while k and char != self.stop[k]:
+            k = self._failure[k - 1]
+        if char == self.stop[k]:
+            k += 1
+        if k == len(self.stop):
+            self.matched = 0
+            return True
+        self.matched = k
+        return False

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from services.common.contract import ChatMessage, FinishReason, SamplingParams
 from services.generator.detokenizer import IncrementalDetokenizer
+from services.generator.prompt import encode_conversation
 from services.generator.settings import Backend, GeneratorSettings
 
 logger = logging.getLogger(__name__)
@@ -142,17 +143,8 @@ class TransformersEngine:
         # of continuous batching is a separate engine).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
 
-    def _prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        # Base models without a template: a plain transcript they can continue.
-        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in conversation) + "Assistant:"
-        return self.tokenizer(text)["input_ids"]
-
     def start(self, messages: list[ChatMessage], sampling: ResolvedSampling, cancel: threading.Event) -> Generation:
-        prompt_ids = self._prompt_ids(messages)
+        prompt_ids = encode_conversation(self.tokenizer, messages)
         if self._context_limit and len(prompt_ids) >= self._context_limit:
             raise GenerationError(
                 "prompt_too_long",

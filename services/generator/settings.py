@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from services.common.contract import StopStrings
 from services.common.settings import CommonSettings
 
 #: Where `make run` / `scripts/prepare_model.py` put the default model.
@@ -41,7 +42,9 @@ class GeneratorSettings(CommonSettings):
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Default nucleus sampling mass.")
     top_k: int = Field(50, ge=0, description="Default top-k (0 = off).")
     repetition_penalty: float = Field(1.1, gt=0.0, description="Default repetition penalty (1 = off).")
-    stop: list[str] = Field(default_factory=list, description="Default stop strings (JSON list).")
+    stop: StopStrings = Field(
+        default_factory=list, description="Default stop strings (JSON list; at most 4, each at most 256 characters)."
+    )
     generator_backend: Backend = Field(
         Backend.TRANSFORMERS, description="transformers, or synthetic (benchmarks and fault drills only)."
     )
