@@ -138,6 +138,10 @@ def test_bad_requests_get_openai_shaped_errors_with_the_right_status(stack):
     with pytest.raises(openai.BadRequestError) as stop:
         client.chat.completions.create(model="m", messages=PROMPT, stop=["a", "b", "c", "d", "e"])
     assert stop.value.param == "stop"
+    for long_stop in ("x" * 257, ["a", "x" * 257]):
+        with pytest.raises(openai.BadRequestError) as stop:
+            client.chat.completions.create(model="m", messages=PROMPT, stop=long_stop)
+        assert stop.value.param == "stop" and "at most 256 characters" in stop.value.message
 
     def check_shape(response: httpx.Response, status: int, code: str) -> None:
         assert response.status_code == status, response.text
