@@ -4,6 +4,7 @@ deadlines. Nothing may hang, leak a permit, or fire a callback twice."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -131,7 +132,12 @@ async def test_redis_outage_fails_fast_and_the_service_recovers_without_restart(
         refused = await client.post("/chat_stream", json={"user_input": "while down"})
         assert time.monotonic() - started < 1.0
         assert refused.status_code == 503 and refused.json()["error"] == "redis_unavailable"
-        assert (await client.get("/readyz")).status_code == 503
+        openai_refused = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        readiness = await client.get("/readyz")
+        assert readiness.status_code == 503 and openai_refused.status_code == 503
+        # What a client reads names no host, port or library message: those are logged.
+        for text in (json.dumps(data), refused.text, openai_refused.text, readiness.text):
+            assert str(stack.redis_server.port) not in text and "Error" not in text and "refused" not in text, text
         await asyncio.sleep(1.0)
         stack.redis_server.start()  # Redis returns (empty: it kept no data)
         # Both processes are still the same ones, and serve again.

@@ -93,8 +93,11 @@ class ChatStream:
             session_id, _ = self.sessions.session_id(request)
             try:
                 history = await self.sessions.history(session_id, self.settings.history_max_turns + 1)
-            except RedisError as exc:
-                raise ApiError(503, "redis_unavailable", f"the session store is unreachable: {exc}") from None
+            except RedisError:
+                # Clients get a code and a generic message; the details (hosts, ports,
+                # library messages) go to the log only.
+                logger.warning("reading the session failed", exc_info=True)
+                raise ApiError(503, "redis_unavailable", "the session store is unreachable") from None
             if chat_request.regenerate and not history:
                 raise ApiError(409, "nothing_to_regenerate", "regenerate needs a previous reply in this session")
             request_id = new_request_id()
@@ -144,8 +147,9 @@ class ChatStream:
         try:
             if not new_session:
                 await self.sessions.clear(session_id)
-        except RedisError as exc:
-            return ApiError(503, "redis_unavailable", f"the session store is unreachable: {exc}").to_response()
+        except RedisError:
+            logger.warning("clearing the session failed", exc_info=True)
+            return ApiError(503, "redis_unavailable", "the session store is unreachable").to_response()
         return Response(status_code=204)
 
     def _framer(self, request: Request) -> tuple[Framer, bool]:

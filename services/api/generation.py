@@ -82,8 +82,10 @@ class GenerationService:
         :class:`ApiError` 429 when the wait queue is full, 503 when Redis is down."""
         try:
             return await self.admission.enter(request_id)
-        except RedisError as exc:
-            raise ApiError(503, "redis_unavailable", f"admission control is unreachable: {exc}") from None
+        except RedisError:
+            # Clients get a code and a generic message; the details go to the log only.
+            logger.warning("admission of %s failed", request_id, exc_info=True)
+            raise ApiError(503, "redis_unavailable", "admission control is unreachable") from None
 
     def respond(
         self,
@@ -141,8 +143,9 @@ class GenerationService:
                 except QueueTimeout as exc:
                     wait_span.set_status(Status(StatusCode.ERROR, str(exc)))
                     raise StreamFailed("queue_timeout", str(exc)) from None
-                except RedisError as exc:
-                    raise StreamFailed("redis_unavailable", f"the job queue is unreachable: {exc}") from None
+                except RedisError:
+                    logger.warning("enqueueing %s failed", request_id, exc_info=True)
+                    raise StreamFailed("redis_unavailable", "the job queue is unreachable") from None
                 finally:
                     wait_span.end()
                 relay_span = tracer.start_span("relay", context=parent, attributes={"chat.request_id": request_id})
@@ -173,8 +176,9 @@ class GenerationService:
                     raise StreamFailed(
                         "job_lost", "no generator started the request (it was rejected or expired); try again"
                     ) from None
-                except RedisError as exc:
-                    raise StreamFailed("redis_unavailable", f"lost the connection to Redis: {exc}") from None
+                except RedisError:
+                    logger.warning("relaying %s failed", request_id, exc_info=True)
+                    raise StreamFailed("redis_unavailable", "lost the connection to Redis") from None
             finally:
                 if subscription is not None:
                     subscription.close()

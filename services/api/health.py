@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
 from services.common.registry import count_live_generators
+
+logger = logging.getLogger(__name__)
 
 
 async def liveness() -> JSONResponse:
@@ -19,8 +23,9 @@ async def readiness(redis: Redis) -> JSONResponse:
     try:
         await redis.ping()
         generators = await count_live_generators(redis)
-    except (RedisError, OSError) as exc:
-        return JSONResponse({"status": "unavailable", "redis": f"unreachable: {exc}"}, status_code=503)
+    except (RedisError, OSError):
+        logger.warning("readiness: Redis is unreachable", exc_info=True)
+        return JSONResponse({"status": "unavailable", "redis": "unreachable"}, status_code=503)
     if generators == 0:
         return JSONResponse({"status": "unavailable", "redis": "ok", "generators": 0}, status_code=503)
     return JSONResponse({"status": "ok", "redis": "ok", "generators": generators})

@@ -144,7 +144,7 @@ class RelayResponse(Response):
             progress.error = exc
         else:
             logger.error("relaying a stream failed", exc_info=exc)
-            progress.error = StreamFailed("internal_error", f"relaying the reply failed: {exc}")
+            progress.error = StreamFailed("internal_error", "relaying the reply failed")
         return CallbackMessage.UNKNOWN_ERROR_OCCURRED
 
     async def _start(self, send: Send, progress: RelayProgress) -> None:

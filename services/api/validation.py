@@ -55,8 +55,13 @@ def load_json_object(body: bytes, example: str, *, non_object_status: int = 422)
         raise ApiError(400, "invalid_request", f"the request body is empty; send {example}")
     try:
         data: Any = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "the request body is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        # Where, not the parser's own words: the client finds its mistake from this.
+        raise ApiError(
+            400, "invalid_json", f"the request body is not valid JSON (line {exc.lineno}, column {exc.colno})"
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(non_object_status, "invalid_request", "the request body must be a JSON object")
     return data

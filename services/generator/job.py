@@ -136,7 +136,8 @@ class JobRunner:
             logger.exception("generation failed for request %s", job.request_id)
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, str(exc)))
-            return StreamEvent(EventType.ERROR, code="generation_failed", message=f"generation failed: {exc}")
+            # The exception's text (paths, device errors) stays in the log and the trace.
+            return StreamEvent(EventType.ERROR, code="generation_failed", message="generation failed")
         if first_token_at is not None:
             span.set_attribute("chat.time_to_first_token_ms", (first_token_at - started) * 1000)
         span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
