@@ -76,7 +76,7 @@ def test_api_keys_guard_every_route_but_health_readiness_metrics_and_the_page(st
         for key in (KEY_A, KEY_B, KEY_FROM_FILE):
             reply = http.post("/chat_stream", json=CHAT, headers=bearer(key))
             assert reply.status_code == 200 and reply.text.startswith("alpha beta alpha"), reply.text
-            assert http.post("/clear_context", headers=bearer(key)).status_code == 204
+            assert http.post("/clear_context", headers=bearer(key), json={}).status_code == 204
             assert http.get("/v1/models", headers=bearer(key)).status_code == 200
 
         # A rotated Secret: the new key works at once, the old one stops working.
@@ -160,14 +160,33 @@ def test_production_mode_refuses_to_start_without_a_real_session_secret(redis_se
         assert secret not in output
 
 
-def test_production_mode_starts_with_a_session_secret_and_sets_safe_cookies(stack):
+def test_production_mode_refuses_to_start_without_api_keys_unless_anonymous_is_explicit(redis_server):
+    env = {
+        "ENVIRONMENT": "production",
+        "SESSION_SECRETS": "a-random-production-secret-3f9e1c",
+        "REDIS_URL": redis_server.url,
+        "API_PORT": str(free_port()),
+    }
+    proc = start_api(env)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2, output
+    assert "refusing to start" in output and "API_KEYS" in output and "ALLOW_ANONYMOUS=true" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("access", ["api-key", "anonymous"])
+def test_production_mode_starts_with_secrets_and_keys_and_sets_secure_cookies(stack, access):
     stack.generator(synthetic_generator_env(tokens_per_second=200))
-    api = stack.api({"ENVIRONMENT": "production", "SESSION_SECRET": "a-random-production-secret-3f9e1c"})
-    reply = httpx.post(api.base_url + "/chat_stream", json=CHAT, timeout=10)
+    env = {"ENVIRONMENT": "production", "SESSION_SECRETS": "a-random-production-secret-3f9e1c"}
+    env |= {"API_KEYS": KEY_A} if access == "api-key" else {"ALLOW_ANONYMOUS": "true"}
+    api = stack.api(env)
+    reply = httpx.post(api.base_url + "/chat_stream", json=CHAT, headers=bearer(KEY_A), timeout=10)
     assert reply.status_code == 200
     cookie = reply.headers["set-cookie"]
-    assert cookie.startswith("sid=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
-    assert "without API_KEYS" in api.log(), "production without keys is called out"
+    # Secure although this request came over plain HTTP (as it does behind a TLS-terminating ingress).
+    assert cookie.startswith("sid=") and {"HttpOnly", "SameSite=Lax", "Secure"} <= set(cookie.split("; "))
+    if access == "anonymous":
+        assert "ALLOW_ANONYMOUS: anyone who reaches the API may use it" in api.log(), "open access is called out"
 
 
 def test_unreadable_key_file_stops_the_start_with_a_clear_message(redis_server, tmp_path):

@@ -80,7 +80,7 @@ async def test_two_api_processes_share_one_session(stack, tiny_model):
         session_keys = stack.redis.keys("chatstream:session:*")
         assert len(session_keys) == 1 and stack.redis.llen(session_keys[0]) == 2
         # Clearing the context on one process empties it for both.
-        cleared = await client.post(api_b.base_url + "/clear_context")
+        cleared = await client.post(api_b.base_url + "/clear_context", json={})
         assert cleared.status_code == 204
         assert stack.redis.llen(session_keys[0]) == 0
         after_clear = await client.post(api_a.base_url + "/chat_stream", json={"regenerate": True})

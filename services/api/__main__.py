@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+
+import uvicorn
 
 from pydantic import ValidationError
 
@@ -31,7 +35,6 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(settings.log_level, settings.log_format)
     setup_tracing("chatstream-api")
 
-    import uvicorn
     from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
     from services.api.app import create_app
@@ -46,7 +49,33 @@ def main(argv: list[str] | None = None) -> None:
         app, excluded_urls="healthz,readyz,metrics", http_capture_headers_sanitize_fields=trace_sanitized_headers()
     )
     # log_config=None: uvicorn's own loggers go through ours (JSON lines in production).
-    uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_config=None)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None))
+    internal_app = getattr(app.state, "internal_app", None)
+    if internal_app is None:
+        server.run()
+        return
+    internal = _InternalServer(
+        uvicorn.Config(internal_app, host=settings.api_host, port=settings.api_internal_port, log_config=None, lifespan="off")
+    )
+    asyncio.run(_serve_both(server, internal))
+
+
+async def _serve_both(server: uvicorn.Server, internal: uvicorn.Server) -> None:
+    """The API and its internal port (metrics, probes) in one event loop: the
+    probes then answer only while the loop that serves clients does."""
+    task = asyncio.create_task(internal.serve())
+    try:
+        await server.serve()
+    finally:
+        internal.should_exit = True
+        await task
+
+
+class _InternalServer(uvicorn.Server):
+    """The internal port's server: the API's server owns SIGTERM/SIGINT and ends both."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from starlette.applications import Starlette
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
+from starlette.routing import Route
 
 from services.api.auth import ApiKeyMiddleware, ApiKeys
 from services.api.chat_stream import ChatStream
@@ -47,12 +49,18 @@ CHAT_STREAM_OPENAPI = {
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     """Build the service's app (OpenTelemetry instrumentation is added by the caller).
 
+    With ``API_INTERNAL_PORT`` set, ``/metrics``, ``/healthz`` and ``/readyz`` are
+    not routes of this app but of ``app.state.internal_app``, which
+    ``python -m services.api`` serves on that port: an ingress that exposes the API
+    then exposes neither the metrics nor the probes.
+
     Raises ``ValueError`` for unusable settings (e.g. an unreadable ``API_KEYS_FILE``).
     """
     settings = settings or ApiSettings()
     keys = ApiKeys.from_settings(settings)
     if settings.environment is Environment.PRODUCTION and not keys.enabled:
-        logger.warning("ENVIRONMENT=production without API_KEYS or API_KEYS_FILE: anyone who reaches the API may use it")
+        # Only with ALLOW_ANONYMOUS=true (the settings refuse it otherwise).
+        logger.warning("ENVIRONMENT=production with ALLOW_ANONYMOUS: anyone who reaches the API may use it")
     chat_stream = ChatStream(settings)
 
     @asynccontextmanager
@@ -70,17 +78,20 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def clear_context(request: Request) -> Response:
         return await chat_stream.clear_context(request)
 
-    @app.get("/healthz")
-    async def healthz() -> Response:
+    async def healthz(request: Request) -> Response:
         return await liveness()
 
-    @app.get("/readyz")
-    async def readyz() -> Response:
+    async def readyz(request: Request) -> Response:
         return await readiness(chat_stream.redis)
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
         return await metrics_response(chat_stream.redis, chat_stream.generation.admission.semaphore)
+
+    operations = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)]
+    if settings.api_internal_port:
+        app.state.internal_app = Starlette(routes=operations)
+    else:
+        app.router.routes.extend(operations)
 
     add_openai_routes(app, OpenAICompat(chat_stream.generation, settings))
     add_web_page(app)
@@ -88,11 +99,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     # The last middleware added runs first: CORS answers preflights (which carry no
     # key) before the key check, and its headers reach 401s too.
     app.add_middleware(ApiKeyMiddleware, keys=keys)
-    origins = [o.strip() for o in settings.cors_allow_origins.split(",") if o.strip()]
-    if origins:
+    if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=origins,
+            allow_origins=sorted(settings.allowed_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "accept"],
             expose_headers=["x-request-id", "retry-after"],

@@ -26,6 +26,7 @@ from services.api import metrics
 from services.api.errors import ApiError
 from services.api.framing import ChatStreamFramer, Framer, PlainTextFramer, SseFramer
 from services.api.generation import GenerationRequest, GenerationService
+from services.api.origin import check_same_origin
 from services.api.outcome import Callback
 from services.api.response import RelayResponse
 from services.api.sessions import SessionStore, Turn, turns_to_messages
@@ -84,6 +85,7 @@ class ChatStream:
         ``Retry-After``).
         """
         try:
+            check_same_origin(request, self.settings.allowed_origins)
             if request_body is None:
                 body = await read_body(request, self.settings.max_body_bytes)
             else:
@@ -142,11 +144,15 @@ class ChatStream:
         )
 
     async def clear_context(self, request: Request) -> Response:
-        """Forget the conversation of the request's session (``POST /clear_context``)."""
+        """Forget the conversation of the request's session (``POST /clear_context``).
+        Like the chat route, it refuses other sites (403) and bodies not declared JSON (415)."""
         session_id, new_session = self.sessions.session_id(request)
         try:
+            check_same_origin(request, self.settings.allowed_origins)
             if not new_session:
                 await self.sessions.clear(session_id)
+        except ApiError as error:
+            return error.to_response()
         except RedisError:
             logger.warning("clearing the session failed", exc_info=True)
             return ApiError(503, "redis_unavailable", "the session store is unreachable").to_response()

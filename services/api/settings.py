@@ -138,6 +138,11 @@ class ApiSettings(CommonSettings):
         return [s.strip() for s in self.session_secrets.get_secret_value().split(",") if s.strip()]
 
     @property
+    def allowed_origins(self) -> frozenset[str]:
+        """CORS_ALLOW_ORIGINS as a set (``*`` for any origin)."""
+        return frozenset(o.strip() for o in self.cors_allow_origins.split(",") if o.strip())
+
+    @property
     def sessions_redis_url(self) -> str:
         """Where sessions live: SESSION_REDIS_URL, or REDIS_URL when it is empty."""
         return self.session_redis_url or self.redis_url

@@ -45,13 +45,17 @@ class RedisServer:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._log = open(workdir / f"redis-{self.port}.log", "ab")
+        # A directory of its own: whatever this Redis might write never lands in the
+        # work tree, nor is read by another Redis at its start.
+        self.dir = workdir / f"redis-{self.port}"
+        self.dir.mkdir(exist_ok=True)
         self.client = redis.Redis.from_url(self.url)
         self.start()
 
     def start(self) -> None:
         """Start (again) on the same port and wait until it answers."""
         self.proc = subprocess.Popen(
-            [self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -112,6 +116,8 @@ class ApiServer(Service):
     def __init__(self, name: str, env: dict[str, str], workdir: Path, app: str | None = None) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        # With API_INTERNAL_PORT the probes answer there, not on the API's port.
+        self.health_url = f"http://127.0.0.1:{env.get('API_INTERNAL_PORT', self.port)}/healthz"
         env = {**env, "API_PORT": str(self.port)}
         if app is None:
             args = ["-m", "services.api"]
@@ -124,7 +130,7 @@ class ApiServer(Service):
         if not self.alive():
             raise RuntimeError(f"{self.name} exited:\n{self.log()}")
         try:
-            return httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200
+            return httpx.get(self.health_url, timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 

@@ -158,7 +158,7 @@
   }
 
   async function clearConversation() {
-    const response = await fetch("/clear_context", { method: "POST", headers: headers({}), credentials: "same-origin" });
+    const response = await fetch("/clear_context", { method: "POST", headers: headers({ "Content-Type": "application/json" }), credentials: "same-origin" });
     if (response.status === 401) {
       askForKey(clearConversation, "This server needs an API key.");
       return;
