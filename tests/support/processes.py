@@ -38,24 +38,33 @@ class RedisServer:
     """A throw-away redis-server on a free loopback port; can be stopped and started
     again on the same port (to provoke an outage)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, args: tuple[str, ...] = (), username: str | None = None, password: str | None = None) -> None:
+        """``args`` are more redis-server options (an ACL file, a memory limit); with
+        ``username``/``password``, :attr:`client` (the tests' own) logs in as that user."""
         self._binary = shutil.which("redis-server")
         if self._binary is None:
             raise RuntimeError("redis-server is not installed: run `make test` (it installs it)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._log = open(workdir / f"redis-{self.port}.log", "ab")
-        # A directory of its own: whatever this Redis might write never lands in the
-        # work tree, nor is read by another Redis at its start.
+        # Its own working directory: a dump.rdb left by another server is never loaded.
         self.dir = workdir / f"redis-{self.port}"
         self.dir.mkdir(exist_ok=True)
-        self.client = redis.Redis.from_url(self.url)
+        self._args = args
+        self._log = open(workdir / f"redis-{self.port}.log", "ab")
+        self.client = redis.Redis(host="127.0.0.1", port=self.port, username=username, password=password)
         self.start()
+
+    def url_for(self, username: str, password: str) -> str:
+        """REDIS_URL of this server for an ACL user."""
+        return f"redis://{username}:{password}@127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         """Start (again) on the same port and wait until it answers."""
         self.proc = subprocess.Popen(
-            [self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
+            [
+                self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(self.dir), *self._args,
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -61,9 +61,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.generator.image.repository (default $default .Values.generator.image.tag) }}
 {{- end }}
 
-{{/* Secret holding SESSION_SECRET: the operator's, or the one this chart generates. */}}
+{{/* Secret holding SESSION_SECRETS: the operator's, or the one this chart generates. */}}
 {{- define "chatstream.sessionSecretName" -}}
 {{- default (printf "%s-session" (include "chatstream.fullname" .)) .Values.api.sessionSecret.existingSecret }}
+{{- end }}
+
+{{/* Secret holding the API keys file: the operator's, or the one this chart generates. */}}
+{{- define "chatstream.apiKeysSecretName" -}}
+{{- default (printf "%s-api-keys" (include "chatstream.fullname" .)) .Values.api.apiKeys.existingSecret }}
+{{- end }}
+
+{{/* Where the API keys file is mounted (API_KEYS_FILE). */}}
+{{- define "chatstream.apiKeysFile" -}}
+/etc/chatstream/api-keys/{{ .Values.api.apiKeys.existingSecretKey }}
 {{- end }}
 
 {{/* Host and port of Redis as seen from any namespace (KEDA's operator runs in its own). */}}
@@ -87,7 +97,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (not .Values.redis.bundled.enabled) .Values.redis.external.tls.enabled }}true{{ end }}
 {{- end }}
 
-{{/* Name and key of the Secret holding the Redis password; empty name when Redis has none. */}}
+{{/* Name of the Secret holding the ACL users' passwords; empty when Redis has no users. */}}
 {{- define "chatstream.redisPasswordSecret" -}}
 {{- if .Values.redis.bundled.enabled }}
 {{- if .Values.redis.bundled.auth.enabled }}
@@ -98,30 +108,54 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* Key of one user's password (.user: api, generator or keda) in that Secret. */}}
 {{- define "chatstream.redisPasswordKey" -}}
-{{- if .Values.redis.bundled.enabled }}{{ .Values.redis.bundled.auth.existingSecretPasswordKey }}{{ else }}{{ .Values.redis.external.existingSecretPasswordKey }}{{ end }}
+{{- $keys := ternary .root.Values.redis.bundled.auth.existingSecretKeys .root.Values.redis.external.existingSecretKeys .root.Values.redis.bundled.enabled }}
+{{- index $keys .user }}
+{{- end }}
+
+{{/* ACL user name of a component (.user: api, generator or keda), as in files/redis-acl.conf. */}}
+{{- define "chatstream.redisUser" -}}
+chatstream-{{ .user }}
+{{- end }}
+
+{{/* Whether the bundled sessions Redis runs. */}}
+{{- define "chatstream.sessionsRedisBundled" -}}
+{{- if and .Values.redis.bundled.enabled .Values.redis.bundled.sessions.enabled }}true{{ end }}
 {{- end }}
 
 {{/*
-REDIS_PASSWORD (from its Secret) and REDIS_URL, as container env entries. The URL
-embeds the password through Kubernetes' $(VAR) expansion, so it never sits in a
+REDIS_PASSWORD (from its Secret) and REDIS_URL of one component (.user), as container
+env entries; SESSION_REDIS_URL too for the API. The URLs carry the component's ACL user
+and embed the password through Kubernetes' $(VAR) expansion, so it never sits in a
 ConfigMap; arq does not URL-decode it, hence the URL-safe password rule in values.
 */}}
 {{- define "chatstream.redisEnv" -}}
-{{- $secret := include "chatstream.redisPasswordSecret" . }}
-{{- $scheme := ternary "rediss" "redis" (eq (include "chatstream.redisTLS" .) "true") }}
-{{- $hostPort := printf "%s:%s/%s" (include "chatstream.redisHost" .) (include "chatstream.redisPort" .) (include "chatstream.redisDatabase" .) }}
+{{- $root := .root }}
+{{- $secret := include "chatstream.redisPasswordSecret" $root }}
+{{- $scheme := ternary "rediss" "redis" (eq (include "chatstream.redisTLS" $root) "true") }}
+{{- $auth := "" }}
 {{- if $secret }}
+{{- $auth = printf "%s:$(REDIS_PASSWORD)@" (include "chatstream.redisUser" .) }}
 - name: REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ $secret }}
       key: {{ include "chatstream.redisPasswordKey" . }}
+{{- end }}
 - name: REDIS_URL
-  value: {{ printf "%s://:$(REDIS_PASSWORD)@%s" $scheme $hostPort | quote }}
-{{- else }}
-- name: REDIS_URL
-  value: {{ printf "%s://%s" $scheme $hostPort | quote }}
+  value: {{ printf "%s://%s%s:%s/%s" $scheme $auth (include "chatstream.redisHost" $root) (include "chatstream.redisPort" $root) (include "chatstream.redisDatabase" $root) | quote }}
+{{- if eq .user "api" }}
+{{- $sessions := "" }}
+{{- if include "chatstream.sessionsRedisBundled" $root }}
+{{- $sessions = printf "redis://%s%s-redis-sessions.%s.svc:6379/0" $auth (include "chatstream.fullname" $root) $root.Release.Namespace }}
+{{- else if and (not $root.Values.redis.bundled.enabled) $root.Values.redis.external.sessions.host }}
+{{- $external := $root.Values.redis.external.sessions }}
+{{- $sessions = printf "%s://%s%s:%v/%v" $scheme $auth $external.host $external.port $external.database }}
+{{- end }}
+# Empty: the sessions live in the main Redis.
+- name: SESSION_REDIS_URL
+  value: {{ $sessions | quote }}
 {{- end }}
 {{- end }}
 
