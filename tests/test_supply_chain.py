@@ -83,9 +83,9 @@ def test_every_top_level_requirement_is_in_its_lock_at_its_version(requirements:
         if lock == LOCKS["services/generator/requirements.txt"] and name in NOT_IN_GENERATOR_LOCK:
             assert name not in pins, f"{name} is installed per TORCH_VARIANT, not from {lock}"
             continue
-        assert len(requirement.specifier) == 1 and next(iter(requirement.specifier)).operator == "==", (
-            f"{requirements}: {requirement} is not pinned exactly"
-        )
+        specifiers = list(requirement.specifier)
+        exact = len(specifiers) == 1 and specifiers[0].operator == "==" and "*" not in specifiers[0].version
+        assert exact, f"{requirements}: {requirement} is not pinned exactly (name==version)"
         if name not in pins:
             problems.append(f"{requirement} is missing from {lock}")
         elif pins[name] not in requirement.specifier:
