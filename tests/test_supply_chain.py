@@ -151,3 +151,117 @@ def test_make_reinstalls_when_a_lock_changes() -> None:
     result = subprocess.run(["make", "-p", "-n", "-q", "no-such-target"], cwd=REPO, capture_output=True, text=True)
     (rule,) = [line for line in result.stdout.splitlines() if line.startswith(".venv/.installed:")]
     assert set(rule.split(":", 1)[1].split()) == {"requirements-dev.lock", "requirements-model.lock"}
+
+
+# ---------------------------------------------------------------- images
+
+DOCKERFILES = {"api": "services/api/Dockerfile", "generator": "services/generator/Dockerfile"}
+#: Where each image's locks come from (what pip must install them from, hash-checked).
+IMAGE_LOCKS = {
+    "api": {"services/api/requirements.lock"},
+    "generator": {"services/generator/requirements.lock", "requirements-model.lock"},
+}
+DIGEST = re.compile(r"^[^\s@]+:[^\s@]+@sha256:[0-9a-f]{64}$")
+
+
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuations joined, comments dropped."""
+    text = re.sub(r"\\\n(\s*#[^\n]*\n)*", " ", (REPO / dockerfile).read_text())
+    out = []
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def copied(dockerfile: str) -> dict[str, str]:
+    """Image path → repository path of every file a COPY (not from a stage) puts in the image."""
+    out = {}
+    for word, rest in instructions(dockerfile):
+        if word == "COPY" and not rest.startswith("--from"):
+            *sources, dest = rest.split()
+            for source in sources:
+                out[dest + Path(source).name if dest.endswith("/") else dest] = source
+    return out
+
+
+@pytest.mark.parametrize("component", sorted(DOCKERFILES))
+def test_images_install_python_packages_only_from_their_locks_with_hashes(component: str) -> None:
+    dockerfile = DOCKERFILES[component]
+    files = copied(dockerfile)
+    installed_locks = set()
+    for word, rest in instructions(dockerfile):
+        if word != "RUN":
+            continue
+        for command in re.split(r"&&|;", rest):
+            if not re.search(r"\bpip install\b", command):
+                continue
+            if "download.pytorch.org/whl/${TORCH_VARIANT}" in command:
+                # The one exception, pinned by version (see the Dockerfile and NOT_IN_GENERATOR_LOCK).
+                assert component == "generator" and '"${TORCH_PIN}"' in command, command
+                continue
+            assert "--require-hashes" in command, f"{dockerfile}: {command.strip()}"
+            (lock,) = re.findall(r"-r (\S+)", command)
+            installed_locks.add(files[lock])
+    assert installed_locks == IMAGE_LOCKS[component]
+
+
+def _stage_names(dockerfile: str) -> set[str]:
+    return {m.group(1) for _, rest in instructions(dockerfile) if (m := re.search(r"\bAS (\S+)$", rest, re.I))}
+
+
+@pytest.mark.parametrize("component", sorted(DOCKERFILES))
+def test_base_images_are_pinned_by_digest_and_set_by_a_build_arg(component: str) -> None:
+    dockerfile = DOCKERFILES[component]
+    steps = instructions(dockerfile)
+    defaults = dict(rest.split("=", 1) for word, rest in steps if word == "ARG" and "=" in rest)
+    stages = _stage_names(dockerfile)
+    froms = [rest.split()[0] for word, rest in steps if word == "FROM"]
+    assert froms, dockerfile
+    for image in froms:
+        if image in stages:
+            continue
+        # Only a build arg names the base, so a registry mirror or a newer digest is one --build-arg.
+        arg = re.fullmatch(r"\$\{(\w+)\}", image)
+        assert arg, f"{dockerfile}: FROM {image} is not set by a build arg"
+        assert DIGEST.match(defaults[arg.group(1)]), f"{dockerfile}: ARG {arg.group(1)} is not name:tag@sha256:<64 hex>"
+    # The same base for both images, at the Python the locks are resolved for (scripts/lock.sh).
+    assert defaults["PYTHON_IMAGE"].startswith("python:3.11.")
+
+
+def test_compose_pulls_only_images_pinned_by_digest() -> None:
+    from tests.support.deploy import compose_config
+
+    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]):
+        services = compose_config(*files)["services"]
+        pulled = {name: s["image"] for name, s in services.items() if "build" not in s}
+        assert {"redis", "jaeger"} <= pulled.keys(), files
+        unpinned = {name: image for name, image in pulled.items() if not DIGEST.match(image)}
+        assert not unpinned, f"{files}: not pinned by digest: {unpinned}"
+        # Built images get their base from the Dockerfile's pinned PYTHON_IMAGE, not from compose.
+        for name, service in services.items():
+            if "build" in service:
+                assert "PYTHON_IMAGE" not in (service["build"].get("args") or {}), name
+
+
+def _dockerignore_allows(path: str) -> bool:
+    """Docker's rule: the last matching pattern wins; ``**`` excludes everything first."""
+    allowed = True
+    for pattern in (REPO / ".dockerignore").read_text().splitlines():
+        pattern = pattern.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        regex = re.escape(pattern).replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        if re.fullmatch(regex + "(/.*)?", path):
+            allowed = negated
+    return allowed
+
+
+@pytest.mark.parametrize("component", sorted(DOCKERFILES))
+def test_build_context_sends_every_file_the_dockerfile_copies(component: str) -> None:
+    blocked = [source for source in copied(DOCKERFILES[component]).values() if not _dockerignore_allows(source)]
+    assert not blocked, f".dockerignore keeps {blocked} out of the build context"
+    assert not _dockerignore_allows(".venv/bin/python") and not _dockerignore_allows("tests/test_units.py")
