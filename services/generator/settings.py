@@ -32,6 +32,11 @@ class GeneratorSettings(CommonSettings):
         str(DEFAULT_MODEL_DIR),
         description="Hugging Face model id or local directory, loaded with from_pretrained.",
     )
+    model_revision: str = Field(
+        "",
+        description="Hub revision of MODEL_ID to load: a commit hash (reproducible: a branch or tag can move), "
+        "branch or tag; empty = the hub's default branch. Ignored for a local directory.",
+    )
     device: str = Field("auto", description="torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
     dtype: str = Field("auto", description="Model dtype: auto (as saved in the checkpoint), float32, bfloat16, float16.")
     torch_threads: int = Field(0, description="CPU threads for torch (0 = torch's default).")
