@@ -56,7 +56,7 @@ def load_json_object(body: bytes, example: str, *, non_object_status: int = 422)
     try:
         data: Any = json.loads(body)
     except UnicodeDecodeError:
-        raise ApiError(400, "invalid_json", "the request body is not valid UTF-8") from None
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON: it is not UTF-8") from None
     except json.JSONDecodeError as exc:
         # Where, not the parser's own words: the client finds its mistake from this.
         raise ApiError(
