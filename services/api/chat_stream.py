@@ -53,8 +53,8 @@ class ChatStream:
         # with conversations can then never evict or refuse what admission and the
         # streams need.
         session_redis = self.redis
-        if settings.session_redis_url and settings.session_redis_url != settings.redis_url:
-            session_redis = redis_from_url(settings.session_redis_url)
+        if settings.sessions_redis_url != settings.redis_url:
+            session_redis = redis_from_url(settings.sessions_redis_url)
         self.sessions = SessionStore(
             session_redis,
             settings.session_secret_list,
