@@ -69,8 +69,9 @@ async def queued_job_messages(stack, api, body: dict) -> list[dict]:
         request = asyncio.create_task(client.post("/v1/chat/completions", json=body))
         await eventually(lambda: stack.redis.keys(job_key_prefix + "*"), 10, "the job to be enqueued")
         (key,) = stack.redis.keys(job_key_prefix + "*")
+        job = stack.redis.get(key)  # read before the client leaves: leaving withdraws the job
         request.cancel()
-    return json.loads(stack.redis.get(key))["a"][0]["messages"]
+    return json.loads(job)["a"][0]["messages"]
 
 
 @pytest.mark.parametrize("allow_replace", [False, True])
