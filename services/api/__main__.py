@@ -54,9 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     if internal_app is None:
         server.run()
         return
-    internal = _InternalServer(
-        uvicorn.Config(internal_app, host=settings.api_host, port=settings.api_internal_port, log_config=None, lifespan="off")
+    internal_config = uvicorn.Config(
+        internal_app, host=settings.api_host, port=settings.api_internal_port, log_config=None, lifespan="off"
     )
+    internal = _InternalServer(internal_config)
     asyncio.run(_serve_both(server, internal))
 
 

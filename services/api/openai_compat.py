@@ -170,7 +170,9 @@ def parse_completion_request(body: bytes) -> ChatCompletionRequest:
         raise OpenAIError(400, "unsupported_parameter", "n: only n=1 is supported", param="n")
     stop = request.sampling().stop
     if len(stop) > MAX_STOP_STRINGS:
-        raise OpenAIError(400, "invalid_request", f"stop: at most {MAX_STOP_STRINGS} sequences are allowed", param="stop")
+        raise OpenAIError(
+            400, "invalid_request", f"stop: at most {MAX_STOP_STRINGS} sequences are allowed", param="stop"
+        )
     if any(len(s) > MAX_STOP_STRING_CHARS for s in stop):
         raise OpenAIError(
             400,

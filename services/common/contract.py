@@ -12,7 +12,7 @@ import json
 import secrets
 from dataclasses import dataclass, field, fields
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from annotated_types import Ge, Gt, Le, Len
 from pydantic import StringConstraints, TypeAdapter, ValidationError
@@ -26,7 +26,7 @@ KEY_PREFIX = "chatstream"
 QUEUE_NAME = f"{KEY_PREFIX}:queue"
 
 #: The arq function name of a generation job.
-GENERATE_FUNCTION = "generate"
+GENERATE_FUNCTION: Final = "generate"
 
 #: Pub/sub channel the API publishes on right after enqueueing, so idle workers
 #: start the job within milliseconds instead of waiting for arq's next poll.
@@ -153,25 +153,15 @@ class GenerationJob:
             "notify_key": self.notify_key,
         }
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GenerationJob:
-        """Inverse of :meth:`to_dict`, validated against the types above.
-
-        Fields this version does not know are ignored: a newer API may send them to
-        an older generator during a rolling upgrade. Raises ``pydantic.ValidationError``.
-        """
-        return _GENERATION_JOB.validate_python(data)
-
 
 _SAMPLING_FIELDS = fields(SamplingParams)
-_GENERATION_JOB = TypeAdapter(GenerationJob)
 
 
 class _ArqJob(TypedDict):
     """arq's envelope of a job (``arq.jobs.serialize_job``), as the generator accepts it."""
 
     t: int | None  # the try
-    f: Literal["generate"]  # GENERATE_FUNCTION
+    f: Literal[GENERATE_FUNCTION]
     a: tuple[GenerationJob]
     k: Annotated[dict[str, Any], Len(0, 0)]
     et: int  # enqueue time (ms)
@@ -207,7 +197,10 @@ def serialize_job(data: dict[str, Any]) -> bytes:
 def deserialize_job(raw: bytes) -> dict[str, Any]:
     """arq's ``job_deserializer``: the envelope of a generation job, whose one
     argument is already a validated :class:`GenerationJob`; raises
-    :class:`JobRejected` for anything else (a pickle, another function, bad fields)."""
+    :class:`JobRejected` for anything else (a pickle, another function, bad fields).
+
+    Fields this version does not know are ignored: a newer API may send them to an
+    older generator during a rolling upgrade."""
     try:
         envelope = dict(_ARQ_JOB.validate_json(raw))
     except ValidationError as exc:
