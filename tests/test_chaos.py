@@ -12,7 +12,7 @@ from collections import Counter
 
 import httpx
 
-from services.common.contract import GENERATOR_SLOTS_KEY, GENERATORS_KEY
+from services.common.contract import GENERATOR_INFO_KEY, GENERATOR_SLOTS_KEY, GENERATORS_KEY
 from services.common.semaphore import GENERATIONS
 from tests.apps.recording_app import CALLBACKS_KEY
 from tests.conftest import synthetic_generator_env
@@ -140,9 +140,9 @@ async def test_every_accepted_request_gets_exactly_one_matching_callback(stack):
     assert stack.redis.zcard(GENERATIONS.queue) == 0
     assert stack.redis.keys("chatstream:stream:*") == []
     assert stack.redis.zcard("chatstream:queue") == 0
-    # Long-lived by design, and bounded: registrations and slots are purged as they
+    # Long-lived by design, and bounded: registrations, slots and info are purged as they
     # expire, the semaphore's sets as leases expire.
-    persistent = {GENERATORS_KEY.encode(), GENERATOR_SLOTS_KEY.encode(), CALLBACKS_KEY.encode()}
+    persistent = {GENERATORS_KEY.encode(), GENERATOR_SLOTS_KEY.encode(), GENERATOR_INFO_KEY.encode(), CALLBACKS_KEY.encode()}
     persistent |= {k.encode() for k in GENERATIONS.all}
     for key in stack.redis.keys("*"):
         if key not in persistent and not key.startswith(b"chatstream:queue:health"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Annotated, Any, Final, Literal
 
@@ -38,6 +38,11 @@ GENERATORS_KEY = f"{KEY_PREFIX}:generators"
 
 #: Hash of each registered generator's capacity (its GENERATOR_SLOTS).
 GENERATOR_SLOTS_KEY = f"{KEY_PREFIX}:generator_slots"
+
+#: Hash of each registered generator's :class:`GeneratorInfo` (JSON): its model,
+#: sampling defaults and limits, which the API shows and validates against without
+#: knowing the generators' settings. Written and purged with the registration.
+GENERATOR_INFO_KEY = f"{KEY_PREFIX}:generator_info"
 
 
 def stream_key(request_id: str) -> str:
@@ -72,6 +77,13 @@ def session_key(session_id: str) -> str:
     return f"{KEY_PREFIX}:session:{session_id}"
 
 
+def session_params_key(session_id: str) -> str:
+    """Redis hash of a chat session's own generation settings (field → JSON value).
+    Under the session's prefix: it lives where the history does (SESSION_REDIS_URL)
+    and the same ACL grants cover it."""
+    return f"{KEY_PREFIX}:session:{session_id}:params"
+
+
 def new_request_id() -> str:
     """A fresh 128-bit random request id (also the arq job id), as 32 hex digits."""
     return secrets.token_hex(16)
@@ -87,15 +99,27 @@ Role = Literal["system", "user", "assistant"]
 RequestId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 
 
+# The values each sampling parameter may take, wherever it is set (a session's
+# settings, a job): the API refuses others with 422 and describes these ranges to
+# clients (GET /generation_params); a generator rejects a job outside them.
+# max_new_tokens is further capped by each generator's MAX_NEW_TOKENS_LIMIT, which
+# it publishes in its GeneratorInfo.
+MaxNewTokens = Annotated[int, Ge(1)]
+Temperature = Annotated[float, Ge(0), Le(2)]  # OpenAI's range
+TopP = Annotated[float, Gt(0), Le(1)]
+TopK = Annotated[int, Ge(0)]  # 0 = off
+RepetitionPenalty = Annotated[float, Gt(0)]  # 1 = off
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling settings; ``None`` means "the generator's default"."""
 
-    max_new_tokens: Annotated[int, Ge(1)] | None = None
-    temperature: Annotated[float, Ge(0)] | None = None
-    top_p: Annotated[float, Gt(0), Le(1)] | None = None
-    top_k: Annotated[int, Ge(0)] | None = None
-    repetition_penalty: Annotated[float, Gt(0)] | None = None
+    max_new_tokens: MaxNewTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     stop: StopStrings = field(default_factory=list)
     #: Seeds this request's sampling, so the same request gives the same reply (on the
     #: same generator, model and batch composition); ``None``: unseeded.
@@ -318,3 +342,45 @@ STREAM_MAXLEN = 10_000
 #: Lifetime of a request's stream and cancel keys after their last write: long
 #: enough for a slow reader to drain, short enough that abandoned keys vanish.
 STREAM_TTL_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The sampling values a generator applies where a request leaves them unset."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+
+
+@dataclass(frozen=True)
+class GeneratorInfo:
+    """What a generator publishes with its registration (:data:`GENERATOR_INFO_KEY`):
+    the API reports it (``GET /load``, ``GET /generation_params``) and validates
+    sessions' settings against it, and never needs the generators' settings."""
+
+    model_id: str
+    defaults: SamplingDefaults
+    #: The most tokens one request may generate there (MAX_NEW_TOKENS_LIMIT); it caps larger requests.
+    max_new_tokens_limit: int
+    #: The model's context window in tokens, prompt and reply together; 0 = unknown.
+    context_length: int = 0
+
+    def to_json(self) -> str:
+        """The stored form."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> GeneratorInfo:
+        """Decode a stored entry; fields this version does not know are ignored (a
+        newer generator during a rolling upgrade). Raises ``ValueError`` for one it
+        cannot read."""
+        try:
+            return _GENERATOR_INFO.validate_json(raw)
+        except ValidationError as exc:
+            raise ValueError(f"unreadable generator info: {exc.error_count()} errors") from None
+
+
+_GENERATOR_INFO = TypeAdapter(GeneratorInfo)

@@ -82,6 +82,11 @@ class Engine(Protocol):
 
     model_id: str
 
+    @property
+    def context_length(self) -> int:
+        """The model's context window in tokens (0 = unknown), published with the registration."""
+        ...
+
     def start(self, messages: list[ChatMessage], sampling: ResolvedSampling, cancel: threading.Event) -> Generation:
         """Begin generating; setting ``cancel`` stops it at the next token."""
         ...
@@ -95,6 +100,8 @@ class SyntheticEngine:
     """Benchmark and fault-drill backend: echoes the last user message word by word,
     repeated up to ``max_new_tokens`` words, at ``synthetic_tokens_per_second``.
     Never the default."""
+
+    context_length = 0  # no model, no window
 
     def __init__(self, settings: GeneratorSettings) -> None:
         self.model_id = "synthetic"
@@ -142,6 +149,11 @@ class TransformersEngine:
         # One thread: requests on one worker run one after another (GENERATOR_SLOTS
         # of continuous batching is a separate engine).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    @property
+    def context_length(self) -> int:
+        """The model's context window in tokens (0 = its config names none)."""
+        return self._context_limit
 
     def start(self, messages: list[ChatMessage], sampling: ResolvedSampling, cancel: threading.Event) -> Generation:
         prompt_ids = encode_conversation(self.tokenizer, messages)

@@ -8,6 +8,7 @@ import contextvars
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from arq import Worker
@@ -21,7 +22,9 @@ from services.common.contract import (
     QUEUE_NAME,
     WAKE_CHANNEL,
     GenerationJob,
+    GeneratorInfo,
     JobRejected,
+    SamplingDefaults,
     deserialize_job,
     serialize_job,
 )
@@ -29,7 +32,7 @@ from services.common.pubsub import listen_forever
 from services.common.redis_client import arq_settings_from_url
 from services.common.registry import register_generator, unregister_generator
 from services.generator import metrics
-from services.generator.engine import create_engine
+from services.generator.engine import Engine, create_engine
 from services.generator.job import JobRunner
 from services.generator.settings import GeneratorSettings
 
@@ -161,11 +164,35 @@ async def _listen_for_wakeups(ctx: dict[str, Any]) -> None:
     await listen_forever(ctx["redis"], WAKE_CHANNEL, set_wake)
 
 
-async def _keep_registered(ctx: dict[str, Any], settings: GeneratorSettings, worker: WakeableWorker) -> None:
+def generator_info(settings: GeneratorSettings, engine: Engine) -> GeneratorInfo:
+    """What this generator publishes with its registration: the model it serves and
+    the defaults and limits it applies to a job (``ResolvedSampling.resolve``)."""
+    model_id = engine.model_id
+    if Path(model_id).is_dir():
+        # Clients see this (GET /load): the directory's name, not the pod's paths.
+        model_id = Path(model_id).name
+    return GeneratorInfo(
+        model_id=model_id,
+        defaults=SamplingDefaults(
+            # A default above the limit is capped like any request.
+            max_new_tokens=min(settings.max_new_tokens, settings.max_new_tokens_limit),
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            top_k=settings.top_k,
+            repetition_penalty=settings.repetition_penalty,
+        ),
+        max_new_tokens_limit=settings.max_new_tokens_limit,
+        context_length=engine.context_length,
+    )
+
+
+async def _keep_registered(
+    ctx: dict[str, Any], settings: GeneratorSettings, worker: WakeableWorker, info: GeneratorInfo
+) -> None:
     while not worker.drain_started.is_set():
         try:
             await register_generator(
-                ctx["redis"], settings.worker_id, settings.registration_ttl_seconds, settings.generator_slots
+                ctx["redis"], settings.worker_id, settings.registration_ttl_seconds, settings.generator_slots, info
             )
         except Exception:
             logger.warning("renewing the generator registration failed", exc_info=True)
@@ -196,7 +223,7 @@ def build_worker(settings: GeneratorSettings) -> WakeableWorker:
         ctx["wake"] = worker.wake
         ctx["background"] = [
             asyncio.create_task(_listen_for_wakeups(ctx)),
-            asyncio.create_task(_keep_registered(ctx, settings, worker)),
+            asyncio.create_task(_keep_registered(ctx, settings, worker, generator_info(settings, engine))),
         ]
         logger.info("generator %s ready (model %s)", settings.worker_id, engine.model_id)
 
