@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from scripts.redis_acl import PASSWORD_ENV, RULES_FILE, acl_file, users
-from services.common.contract import QUEUE_NAME, session_key, stream_key
+from services.common.contract import QUEUE_NAME, session_key, session_params_key, stream_key
 from tests.conftest import Stack, synthetic_generator_env
 from tests.support.client import stream_chat
 from tests.support.deploy import find, helm_template, parse
@@ -133,6 +133,23 @@ async def test_service_streams_cancels_queues_and_reports_under_its_acl_users(ac
     assert denials(acl_redis) == [], "a component was refused something it needs"
 
 
+async def test_session_settings_and_load_work_under_the_acl_users(acl_stack, acl_redis) -> None:
+    (api,) = [s for s in acl_stack.services if s.name.startswith("acl-api")]
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+        load = await client.get("/load")
+        assert load.status_code == 200, load.text
+        (generator,) = load.json()["generators"]
+        assert generator["model_id"] == "synthetic", "the generator published its info, the API read it"
+        saved = await client.post("/generation_params", json={"max_new_tokens": 3, "temperature": 0.5})
+        assert saved.status_code == 200, saved.text
+        assert saved.json()["defaults"]["max_new_tokens"] == 20
+        assert (await client.get("/generation_params")).json()["session"] == {"max_new_tokens": 3, "temperature": 0.5}
+        reply = await stream_chat(client, "/chat_stream", {"user_input": "a b"}, sse=True)
+        assert reply.sse_events()[-1][1]["usage"]["completion_tokens"] == 3
+        await client.post("/generation_params", json={"max_new_tokens": None, "temperature": None})
+    assert denials(acl_redis) == [], "a component was refused something it needs"
+
+
 def test_generator_user_is_refused_admin_commands_and_sessions(acl_redis) -> None:
     key = session_key("someone")
     acl_redis.client.rpush(key, '{"user": "private", "assistant": "words"}')
@@ -143,6 +160,7 @@ def test_generator_user_is_refused_admin_commands_and_sessions(acl_redis) -> Non
     assert_refused(generator, "RPUSH", key, "forged")
     assert_refused(generator, "DEL", key)
     assert_refused(generator, "EVAL", "return redis.call('LRANGE', KEYS[1], 0, -1)", "1", key)
+    assert_refused(generator, "HGET", session_params_key("someone"), "temperature")
     # Nor can it take a queue place or a fencing token: the semaphore's other keys are the API's.
     assert_refused(generator, "ZADD", "chatstream:sem:generations:queue", "1", "forged")
     assert_refused(generator, "INCR", "chatstream:sem:generations:fence")

@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from services.api.auth import ApiKeyMiddleware, ApiKeys
 from services.api.chat_stream import ChatStream
+from services.api.generation_params import GenerationParamsUpdate
 from services.api.health import liveness, readiness
 from services.api.metrics import metrics_response
 from services.api.openai_compat import OpenAICompat, add_openai_routes
@@ -42,6 +43,19 @@ CHAT_STREAM_OPENAPI = {
             "content": {"text/plain": {}, "text/event-stream": {}},
         },
         "4XX": {"description": "Bad input, full queue: JSON {error, message}.", "content": {"application/json": {}}},
+    },
+}
+
+
+#: Like the chat route, the settings route reads its body itself.
+GENERATION_PARAMS_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": GenerationParamsUpdate.model_json_schema()}},
+    },
+    "responses": {
+        "200": {"description": "The session's settings after the change, as GET returns them.", "content": {"application/json": {}}},
+        "4XX": {"description": "Bad input (422 names each bad field), cross-site (403), not JSON (415).", "content": {"application/json": {}}},
     },
 }
 
@@ -77,6 +91,18 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @app.post("/clear_context")
     async def clear_context(request: Request) -> Response:
         return await chat_stream.clear_context(request)
+
+    @app.get("/generation_params")
+    async def get_generation_params(request: Request) -> Response:
+        return await chat_stream.get_generation_params(request)
+
+    @app.post("/generation_params", openapi_extra=GENERATION_PARAMS_OPENAPI)
+    async def set_generation_params(request: Request) -> Response:
+        return await chat_stream.set_generation_params(request)
+
+    @app.get("/load")
+    async def load(request: Request) -> Response:
+        return await chat_stream.get_load(request)
 
     async def healthz(request: Request) -> Response:
         return await liveness()

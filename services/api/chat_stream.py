@@ -8,7 +8,7 @@
         return await chat_stream.handle_chat_stream_request(request)
 
 The request's journey: validate (``validation``) → session history
-(``sessions``) → then the path shared by every endpoint (``generation``): admit
+(``sessions``) and generation settings (``generation_params``) → then the path shared by every endpoint (``generation``): admit
 (``admission``) → enqueue (``enqueue``) → relay (``relay``, ``response``) →
 record the exchange, release the permit and fire the callback (``outcome``).
 """
@@ -26,13 +26,15 @@ from services.api import metrics
 from services.api.errors import ApiError
 from services.api.framing import ChatStreamFramer, Framer, PlainTextFramer, SseFramer
 from services.api.generation import GenerationRequest, GenerationService
+from services.api.generation_params import GenerationParams
+from services.api.load import load_response
 from services.api.origin import check_same_origin
 from services.api.outcome import Callback
 from services.api.response import RelayResponse
 from services.api.sessions import SessionStore, Turn, turns_to_messages
 from services.api.settings import ApiSettings, ResponseFormat
 from services.api.validation import check_body_size, parse_chat_request, read_body
-from services.common.contract import ChatMessage, SamplingParams, new_request_id
+from services.common.contract import ChatMessage, new_request_id
 from services.common.redis_client import arq_redis_from_url, redis_from_url
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,13 @@ class ChatStream:
             always_secure=settings.cookie_always_secure,
         )
         self.generation = GenerationService(settings, self.redis)
+        self.generation_params = GenerationParams(
+            self.sessions,
+            self.redis,
+            ttl_seconds=settings.session_ttl_seconds,
+            allowed_origins=settings.allowed_origins,
+            max_body_bytes=settings.max_body_bytes,
+        )
 
     async def close(self) -> None:
         """Stop background listeners and close the Redis pools."""
@@ -102,6 +111,7 @@ class ChatStream:
                 raise ApiError(503, "redis_unavailable", "the session store is unreachable") from None
             if chat_request.regenerate and not history:
                 raise ApiError(409, "nothing_to_regenerate", "regenerate needs a previous reply in this session")
+            sampling = await self.generation_params.sampling(session_id)
             request_id = new_request_id()
             ticket = await self.generation.admit(request_id)
         except ApiError as error:
@@ -134,7 +144,7 @@ class ChatStream:
             headers.append((b"x-accel-buffering", b"no"))  # nginx: do not buffer the stream
         return self.generation.respond(
             request,
-            GenerationRequest(request_id, messages, SamplingParams()),
+            GenerationRequest(request_id, messages, sampling),
             ticket,
             framer=framer,
             send_headers_early=sse,
@@ -157,6 +167,21 @@ class ChatStream:
             logger.warning("clearing the session failed", exc_info=True)
             return ApiError(503, "redis_unavailable", "the session store is unreachable").to_response()
         return Response(status_code=204)
+
+    async def get_generation_params(self, request: Request) -> Response:
+        """The session's generation settings, the generators' defaults and limits, and
+        what its next request would use (``GET /generation_params``)."""
+        return await self.generation_params.get(request)
+
+    async def set_generation_params(self, request: Request) -> Response:
+        """Change the session's generation settings (``POST /generation_params``); its
+        ``/chat_stream`` requests use them. Refuses other sites and non-JSON bodies
+        like the chat route, and bad values with 422 naming them."""
+        return await self.generation_params.set(request)
+
+    async def get_load(self, request: Request) -> Response:
+        """The cluster's permits, queue, jobs and generators (``GET /load``)."""
+        return await load_response(self.redis, self.generation.admission.semaphore)
 
     def _framer(self, request: Request) -> tuple[Framer, bool]:
         if "text/event-stream" in request.headers.get("accept", ""):
