@@ -168,3 +168,74 @@ def test_page_asks_for_the_api_key_and_sends_it(stack, page):
     assert last_reply(page) == "knock knock knock knock"
     page.click("#clear")
     page.wait_for_selector("#status:has-text('Conversation cleared.')")
+
+
+def test_page_settings_panel_saves_shows_refusals_and_resets(stack, page):
+    stack.generator(
+        synthetic_generator_env(tokens_per_second=100, MAX_NEW_TOKENS="6", MAX_NEW_TOKENS_LIMIT="16", TEMPERATURE="0.3")
+    )
+    api = stack.api({"API_KEYS": "sk-settings-77aa"})
+    page.goto(api.base_url + "/")
+    page.click("#settings-toggle")
+    page.wait_for_selector("#key-panel:not([hidden])", timeout=5_000)  # the settings need the key too
+    page.fill("#api-key", "sk-settings-77aa")
+    page.click("#save-key")
+    # Prefilled from GET /generation_params: nothing set, the generator's defaults shown.
+    page.wait_for_selector("#set-temperature[placeholder='default 0.3']", timeout=5_000)
+    assert page.get_attribute("#set-max_new_tokens", "placeholder") == "default 6"
+    assert page.input_value("#set-max_new_tokens") == ""
+    page.wait_for_selector("#load[data-state='idle']", timeout=5_000)  # the load badge got the key as well
+
+    page.fill("#set-max_new_tokens", "3")
+    page.fill("#set-temperature", "0.5")
+    page.click("#save-settings")
+    page.wait_for_selector("#settings-status:text-is('Saved.')", timeout=5_000)
+    send(page, "knock")
+    page.wait_for_selector("#status:text-matches('^Done: 3 tokens')", timeout=10_000)
+    assert last_reply(page) == "knock knock knock"
+
+    page.fill("#set-max_new_tokens", "99")
+    page.click("#save-settings")
+    page.wait_for_selector("#settings-status.error", timeout=5_000)
+    assert page.inner_text("#settings-status") == (
+        "max_new_tokens: must be between 1 and 16 (the live generators' MAX_NEW_TOKENS_LIMIT) (HTTP 422)"
+    )
+    assert page.get_attribute("#set-max_new_tokens", "aria-invalid") == "true"
+    (key,) = stack.redis.keys("chatstream:session:*:params")
+    assert stack.redis.hget(key, "max_new_tokens") == b"3", "a refused value changes nothing"
+
+    page.click("#reset-settings")
+    page.wait_for_selector("#settings-status:text-is('Reset to the defaults.')", timeout=5_000)
+    assert page.input_value("#set-max_new_tokens") == "" and page.input_value("#set-temperature") == ""
+    assert page.get_attribute("#set-max_new_tokens", "aria-invalid") is None
+    assert stack.redis.keys("chatstream:session:*:params") == []
+    send(page, "knock")
+    page.wait_for_selector("#status:text-matches('^Done: 6 tokens')", timeout=10_000)
+
+
+def test_page_load_badge_shows_no_generator_then_ready_then_busy(stack, page):
+    api = stack.api({"MAX_CONCURRENT_GENERATIONS": "1"})
+    page.goto(api.base_url + "/")
+    page.wait_for_selector("#load[data-state='down']:text-is('No generator')", timeout=5_000)
+    stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="2000"))
+    # The page polls GET /load every 5 s while visible.
+    page.wait_for_selector("#load[data-state='idle']:text-is('Ready')", timeout=8_000)
+    streaming, leave = threading.Event(), threading.Event()
+
+    def keep_busy() -> None:
+        with httpx.stream("POST", api.base_url + "/chat_stream", json={"user_input": "busy"}, timeout=60) as r:
+            for _ in r.iter_raw():
+                streaming.set()
+                if leave.is_set():
+                    return  # leaving ends the generation and frees the permit
+
+    busy = threading.Thread(target=keep_busy)
+    busy.start()
+    try:
+        assert streaming.wait(10), "the busy request did not start"
+        page.wait_for_selector("#load[data-state='busy']:text-is('Busy')", timeout=8_000)
+        assert page.get_attribute("#load", "title") == "1 of 1 generating, 0 of 32 waiting"
+    finally:
+        leave.set()
+        busy.join(30)
+    page.wait_for_selector("#load[data-state='idle']", timeout=8_000)

@@ -1,16 +1,25 @@
 // The chat page: streams replies from /chat_stream as server-sent events.
 // Events: queued {position}, token {text}, done {finish_reason, usage}, error {code, message}.
-// The conversation lives on the server, keyed by the HttpOnly `sid` cookie that fetch sends.
+// The conversation lives on the server, keyed by the HttpOnly `sid` cookie that fetch sends;
+// so do its generation settings (GET/POST /generation_params, the Settings panel).
+// The header's load badge polls GET /load every few seconds while the page is visible.
 "use strict";
 
 (() => {
   const KEY_STORAGE = "chatstream.apiKey"; // per tab; gone when the tab closes
+  const SETTINGS = ["temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"];
+  const LOAD_POLL_MS = 5000; // gentle: every open page polls
   const $ = (id) => document.getElementById(id);
   const ui = {
     messages: $("messages"), empty: $("empty"), status: $("status"), composer: $("composer"),
     input: $("input"), send: $("send"), stop: $("stop"), regenerate: $("regenerate"), clear: $("clear"),
     keyPanel: $("key-panel"), keyForm: $("key-form"), key: $("api-key"),
+    load: $("load"), settingsToggle: $("settings-toggle"), settingsPanel: $("settings-panel"),
+    settingsForm: $("settings-form"), settingsStatus: $("settings-status"), resetSettings: $("reset-settings"),
   };
+  const settingInput = (name) => $(`set-${name}`);
+  let loadTimer = 0; // the next GET /load
+  let loadInFlight = false;
   let controller = null; // aborts the reply in flight
   let lastReply = null; // the last assistant bubble, replaced by Regenerate
   let afterKey = null; // what to retry once the user has entered an API key
@@ -198,6 +207,145 @@
   ui.stop.addEventListener("click", () => controller?.abort());
   ui.clear.addEventListener("click", clearConversation);
 
+  function setSettingsStatus(text, isError = false) {
+    ui.settingsStatus.textContent = text;
+    ui.settingsStatus.classList.toggle("error", isError);
+  }
+
+  function describeLimit(limit) {
+    const low = "exclusiveMinimum" in limit ? `> ${limit.exclusiveMinimum}` : `≥ ${limit.minimum}`;
+    const kind = limit.type === "integer" ? "an integer" : "a number";
+    return "maximum" in limit ? `${kind} ${low} and ≤ ${limit.maximum}` : `${kind} ${low}`;
+  }
+
+  // state: the body of GET /generation_params. A field the session did not set stays
+  // empty and shows the servers' default as its placeholder.
+  function showSettings(state) {
+    for (const name of SETTINGS) {
+      const input = settingInput(name);
+      input.value = state.session[name] ?? "";
+      const fallback = state.defaults[name];
+      input.placeholder = fallback === null ? "default" : `default ${fallback}`;
+      input.title = describeLimit(state.limits[name]);
+      input.removeAttribute("aria-invalid");
+    }
+  }
+
+  async function loadSettings() {
+    setSettingsStatus("Loading…");
+    const response = await fetch("/generation_params", { headers: headers(), credentials: "same-origin" });
+    if (response.status === 401) {
+      askForKey(loadSettings, "This server needs an API key.");
+      setSettingsStatus("");
+      return;
+    }
+    if (!response.ok) {
+      setSettingsStatus(`Could not load the settings: ${await errorText(response)}`, true);
+      return;
+    }
+    showSettings(await response.json());
+    setSettingsStatus("");
+  }
+
+  // values: {name: number or null}; null resets that setting to the default.
+  async function saveSettings(values, done) {
+    setSettingsStatus("Saving…");
+    const response = await fetch("/generation_params", {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json" }),
+      body: JSON.stringify(values),
+      credentials: "same-origin",
+    });
+    if (response.status === 401) {
+      askForKey(() => saveSettings(values, done), "This server needs an API key.");
+      setSettingsStatus("");
+      return;
+    }
+    const body = await response.json().catch(() => null);
+    if (!response.ok) {
+      // 422 names each refused field in detail: mark those inputs.
+      for (const problem of body?.detail ?? []) settingInput(problem.field)?.setAttribute("aria-invalid", "true");
+      setSettingsStatus(body?.message ? `${body.message} (HTTP ${response.status})` : `HTTP ${response.status}`, true);
+      return;
+    }
+    showSettings(body);
+    setSettingsStatus(done);
+  }
+
+  function readSettingsForm() {
+    const values = {};
+    const problems = [];
+    for (const name of SETTINGS) {
+      const input = settingInput(name);
+      input.removeAttribute("aria-invalid");
+      if (input.validity.badInput) {
+        input.setAttribute("aria-invalid", "true");
+        problems.push(`${name}: must be a number`);
+      } else {
+        values[name] = input.value.trim() === "" ? null : Number(input.value);
+      }
+    }
+    return { values, problems };
+  }
+
+  // load: the body of GET /load.
+  function showLoad(load) {
+    const { permits, queue } = load;
+    let state = "idle";
+    let text = "Ready";
+    if (load.generators.length === 0) [state, text] = ["down", "No generator"];
+    else if (queue.full) [state, text] = ["full", `Full: ${queue.waiting} waiting`];
+    else if (load.busy) [state, text] = ["busy", queue.waiting ? `Busy: ${queue.waiting} waiting` : "Busy"];
+    ui.load.dataset.state = state;
+    ui.load.textContent = text;
+    ui.load.title = `${permits.in_use} of ${permits.limit} generating, ${queue.waiting} of ${queue.max} waiting`;
+  }
+
+  function showLoadUnknown(why) {
+    ui.load.dataset.state = "unknown";
+    ui.load.textContent = "";
+    ui.load.title = why;
+  }
+
+  async function pollLoad() {
+    clearTimeout(loadTimer);
+    if (loadInFlight || document.hidden) return; // a hidden page resumes on visibilitychange
+    loadInFlight = true;
+    try {
+      const response = await fetch("/load", { headers: headers(), credentials: "same-origin" });
+      if (response.ok) showLoad(await response.json());
+      else showLoadUnknown(response.status === 401 ? "needs the API key" : `HTTP ${response.status}`);
+    } catch (error) {
+      showLoadUnknown(`unreachable: ${error.message}`);
+    } finally {
+      loadInFlight = false;
+    }
+    if (!document.hidden) loadTimer = setTimeout(pollLoad, LOAD_POLL_MS);
+  }
+
+  ui.settingsToggle.addEventListener("click", () => {
+    const open = ui.settingsPanel.hidden;
+    ui.settingsPanel.hidden = !open;
+    ui.settingsToggle.setAttribute("aria-expanded", String(open));
+    if (open) loadSettings();
+  });
+
+  ui.settingsForm.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const { values, problems } = readSettingsForm();
+    if (problems.length) setSettingsStatus(problems.join("; "), true);
+    else saveSettings(values, "Saved.");
+  });
+
+  ui.resetSettings.addEventListener("click", () => {
+    saveSettings(Object.fromEntries(SETTINGS.map((name) => [name, null])), "Reset to the defaults.");
+  });
+
+  document.addEventListener("visibilitychange", () => {
+    if (document.hidden) clearTimeout(loadTimer);
+    else pollLoad();
+  });
+
   ui.keyForm.addEventListener("submit", (event) => {
     event.preventDefault();
     const key = ui.key.value.trim();
@@ -209,7 +357,9 @@
     const retry = afterKey;
     afterKey = null;
     if (retry) retry();
+    pollLoad(); // it had no key either
   });
 
   ui.input.focus();
+  pollLoad();
 })();
