@@ -32,7 +32,7 @@ from services.api.response import RelayResponse
 from services.api.sessions import SessionStore, Turn, turns_to_messages
 from services.api.settings import ApiSettings, ResponseFormat
 from services.api.validation import check_body_size, parse_chat_request, read_body
-from services.common.contract import ChatMessage, SamplingParams, new_request_id
+from services.common.contract import ChatMessage, HistoryWindow, SamplingParams, new_request_id
 from services.common.redis_client import arq_redis_from_url, redis_from_url
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,10 @@ class ChatStream:
         ``request_body``: pass the raw body when the route already read it
         (reading it again would hang). ``callback(request, message)``, sync or
         async, fires exactly once after the response ends for every accepted
-        request, with a :class:`CallbackMessage`. Bad input is answered with a
-        4xx JSON error and no callback; so is a full wait queue (429 with
+        request, with a :class:`CallbackMessage`; ``request.state.chat`` then holds
+        the finished exchange (:class:`~services.api.exchange.ChatExchange`: the
+        reply as sent, usage, history, timings). Bad input is answered with a 4xx
+        JSON error and no callback; so is a full wait queue (429 with
         ``Retry-After``).
         """
         try:
@@ -134,7 +136,16 @@ class ChatStream:
             headers.append((b"x-accel-buffering", b"no"))  # nginx: do not buffer the stream
         return self.generation.respond(
             request,
-            GenerationRequest(request_id, messages, SamplingParams()),
+            GenerationRequest(
+                request_id,
+                messages,
+                SamplingParams(),
+                history=HistoryWindow(turns=len(context), max_tokens=self.settings.history_max_tokens),
+                session_id=session_id,
+                user_input=user_input,
+                prior_turns=tuple(context),
+                regenerate=chat_request.regenerate,
+            ),
             ticket,
             framer=framer,
             send_headers_early=sse,

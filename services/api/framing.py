@@ -4,7 +4,8 @@
   reply as it grows. An error after the first byte aborts the response (no final
   chunk), which every HTTP client reports as an incomplete body.
 * SSE (``Accept: text/event-stream``): JSON events ``queued`` (position while
-  waiting for a permit), ``token``, ``done``, ``error``.
+  waiting for a permit), ``token``, ``done`` (finish reason, usage, and the
+  history turns the prompt kept), ``error``.
 * ChatStream 0.3 (setting): each chunk is the whole reply so far followed by
   ``<::EOS::>``, for existing ChatStream web clients.
 """
@@ -15,6 +16,7 @@ import json
 from typing import Any
 
 from services.api.errors import ApiError
+from services.common.contract import StreamEvent
 
 CHATSTREAM_EOS = "<::EOS::>"
 
@@ -29,8 +31,8 @@ class Framer:
         """Bytes for one text delta."""
         raise NotImplementedError
 
-    def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
-        """Bytes that end a successful response."""
+    def done(self, event: StreamEvent) -> bytes:
+        """Bytes that end a successful response (``event`` is the ``done`` entry)."""
         return b""
 
     def queued(self, position: int) -> bytes:
@@ -83,14 +85,14 @@ class SseFramer(Framer):
     def queued(self, position: int) -> bytes:
         return self.event("queued", {"position": position})
 
-    def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
-        return self.event(
-            "done",
-            {
-                "finish_reason": finish_reason,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-            },
-        )
+    def done(self, event: StreamEvent) -> bytes:
+        data: dict[str, Any] = {
+            "finish_reason": event.finish_reason,
+            "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
+        }
+        if event.history_turns is not None:
+            data["history_turns"] = event.history_turns
+        return self.event("done", data)
 
     def error(self, code: str, message: str) -> bytes | None:
         return self.event("error", {"code": code, "message": message})
