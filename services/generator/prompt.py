@@ -49,12 +49,11 @@ def encode_conversation(tokenizer: Any, messages: list[ChatMessage]) -> list[int
 
 
 class InputTooLong(ValueError):
-    """Even with no history at all the prompt does not fit the context."""
+    """Even with no history at all the prompt does not fit the context. ``what`` names
+    what was measured: the message alone, or a conversation nothing may be dropped from."""
 
-    def __init__(self, tokens: int, limit: int) -> None:
-        super().__init__(
-            f"the message alone (with the system prompt) is {tokens} tokens; this model accepts at most {limit}"
-        )
+    def __init__(self, tokens: int, limit: int, what: str) -> None:
+        super().__init__(f"{what} is {tokens} tokens; this model accepts at most {limit}")
         self.tokens = tokens
         self.limit = limit
 
@@ -89,13 +88,14 @@ def fit_conversation(
     ids = encode(turns)
     if turns == 0:
         if context_limit and len(ids) >= context_limit:
-            raise InputTooLong(len(ids), context_limit - 1)
+            # The OpenAI routes: the client's conversation is the input.
+            raise InputTooLong(len(ids), context_limit - 1, "the conversation")
         return FittedPrompt(ids, 0)
     if (budget is None or len(ids) <= budget) and not history.max_tokens:
         return FittedPrompt(ids, turns)  # the common case: one encoding
     bare = encode(0)
     if context_limit and len(bare) >= context_limit:
-        raise InputTooLong(len(bare), context_limit - 1)
+        raise InputTooLong(len(bare), context_limit - 1, "the message alone (with the system prompt)")
 
     def fits(candidate: list[int]) -> bool:
         if budget is not None and len(candidate) > budget:
