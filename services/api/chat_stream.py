@@ -20,11 +20,11 @@ import logging
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from services.api import metrics
 from services.api.errors import ApiError
-from services.api.framing import ChatStreamFramer, Framer, PlainTextFramer, SseFramer
+from services.api.framing import CHATSTREAM_CONTEXT_CLEARED, ChatStreamFramer, Framer, PlainTextFramer, SseFramer
 from services.api.generation import GenerationRequest, GenerationService
 from services.api.origin import check_same_origin
 from services.api.outcome import Callback
@@ -108,7 +108,7 @@ class ChatStream:
             ticket = await self.generation.admit(request_id)
         except ApiError as error:
             metrics.count_refused(error.status)
-            return error.to_response()
+            return self._framer(request)[0].http_error(error)
 
         if chat_request.regenerate:
             user_input, context = history[-1].user, history[:-1]
@@ -131,6 +131,7 @@ class ChatStream:
         # idle (or stolen and unused) cookie on the server.
         headers = [(b"set-cookie", self.sessions.set_cookie_header(session_id, request).encode())]
         framer, sse = self._framer(request)
+        headers.extend(framer.headers(request_id))
         if sse:
             headers.append((b"cache-control", b"no-cache"))
             headers.append((b"x-accel-buffering", b"no"))  # nginx: do not buffer the stream
@@ -167,6 +168,10 @@ class ChatStream:
         except RedisError:
             logger.warning("clearing the session failed", exc_info=True)
             return ApiError(503, "redis_unavailable", "the session store is unreachable").to_response()
+        if self.settings.response_format is ResponseFormat.CHATSTREAM:
+            # ChatStream 0.3's answer: its web UI only reads it as text, but a client
+            # that parses it as JSON would fail on an empty 204.
+            return JSONResponse(CHATSTREAM_CONTEXT_CLEARED)
         return Response(status_code=204)
 
     def _framer(self, request: Request) -> tuple[Framer, bool]:
