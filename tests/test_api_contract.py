@@ -53,7 +53,11 @@ async def test_sse_events_carry_tokens_then_done_with_usage(stack):
     events = reply.sse_events()
     assert [name for name, _ in events] == ["token"] * 4 + ["done"]
     assert "".join(d["text"] for n, d in events if n == "token") == "alpha beta alpha beta"
-    assert events[-1][1] == {"finish_reason": "length", "usage": {"prompt_tokens": 2, "completion_tokens": 4}}
+    assert events[-1][1] == {
+        "finish_reason": "length",
+        "usage": {"prompt_tokens": 2, "completion_tokens": 4},
+        "history_turns": 0,
+    }
 
 
 async def test_readiness_needs_a_live_generator(stack):

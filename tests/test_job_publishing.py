@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from services.common.contract import ChatMessage, EventType, GenerationJob, StreamEvent, stream_key
+from services.common.contract import ChatMessage, EventType, GenerationJob, HistoryWindow, StreamEvent, stream_key
 from services.generator.engine import FinishReason, Generation, ResolvedSampling
 from services.generator.job import JobRunner
 from services.generator.settings import GeneratorSettings
@@ -26,7 +26,13 @@ class PacedEngine:
         self.count = count
         self.interval = interval
 
-    def start(self, messages: list[ChatMessage], sampling: ResolvedSampling, cancel: threading.Event) -> Generation:
+    def start(
+        self,
+        messages: list[ChatMessage],
+        sampling: ResolvedSampling,
+        cancel: threading.Event,
+        history: HistoryWindow = HistoryWindow(),
+    ) -> Generation:
         generation: Generation
 
         async def deltas() -> AsyncIterator[str]:

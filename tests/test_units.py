@@ -14,6 +14,8 @@ from services.common.contract import (
     Lease,
     EventType,
     GenerationJob,
+    HistoryWindow,
+    JobRejected,
     SamplingParams,
     StreamEvent,
     deserialize_job,
@@ -29,6 +31,7 @@ def test_stream_events_round_trip_through_redis_field_maps():
         StreamEvent(EventType.TOKEN, text=" héllo 😀"),
         StreamEvent(EventType.TOKEN, text=" three deltas", tokens=3),
         StreamEvent(EventType.DONE, finish_reason="stop", prompt_tokens=7, completion_tokens=3),
+        StreamEvent(EventType.DONE, finish_reason="length", prompt_tokens=7, completion_tokens=3, history_turns=2),
         StreamEvent(EventType.ERROR, code="generation_failed", message="boom"),
     ]
     for event in events:
@@ -57,6 +60,7 @@ def test_jobs_round_trip_and_request_ids_are_128_bit_random():
         sampling=SamplingParams(temperature=0.5, seed=7, stop=["a", "b"]),
         lease=Lease("holder", 42),
         notify_key="chatstream:reader-wake:abc:0",
+        history=HistoryWindow(turns=0, max_tokens=100),
     )
     assert leased.to_dict() == asdict(leased)
     assert through_the_queue(leased.to_dict()) == leased
@@ -108,3 +112,30 @@ def test_a_generator_accepts_jobs_from_a_newer_api_during_a_rolling_upgrade():
     job = through_the_queue(data)
     assert job.messages == [ChatMessage("user", "hi")]
     assert job.sampling == SamplingParams()
+
+
+def test_a_job_from_an_api_without_history_windows_keeps_its_whole_conversation():
+    # An older API sends no "history": nothing of its conversation may be dropped.
+    data = GenerationJob(
+        request_id=new_request_id(),
+        messages=[ChatMessage("user", "a"), ChatMessage("assistant", "b"), ChatMessage("user", "c")],
+        lease=Lease("h", 1),
+    ).to_dict()
+    del data["history"]
+    assert through_the_queue(data).history == HistoryWindow()
+
+
+def test_a_history_window_larger_than_the_conversation_is_rejected():
+    data = GenerationJob(
+        request_id=new_request_id(),
+        messages=[ChatMessage("user", "a"), ChatMessage("assistant", "b"), ChatMessage("user", "c")],
+        lease=Lease("h", 1),
+        history=HistoryWindow(turns=1),
+    ).to_dict()
+    assert through_the_queue(data).history.turns == 1
+    data["history"]["turns"] = 2
+    with pytest.raises(JobRejected, match="history.turns"):
+        through_the_queue(data)
+    data["history"]["turns"] = -1
+    with pytest.raises(JobRejected, match="bad_schema"):
+        through_the_queue(data)

@@ -4,6 +4,7 @@ The public, reusable piece is :class:`services.api.chat_stream.ChatStream`.
 """
 
 from services.api.chat_stream import ChatStream
+from services.api.exchange import ChatExchange
 from services.api.outcome import CallbackMessage
 
-__all__ = ["CallbackMessage", "ChatStream"]
+__all__ = ["CallbackMessage", "ChatExchange", "ChatStream"]

@@ -20,11 +20,11 @@ import logging
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from services.api import metrics
 from services.api.errors import ApiError
-from services.api.framing import ChatStreamFramer, Framer, PlainTextFramer, SseFramer
+from services.api.framing import CHATSTREAM_CONTEXT_CLEARED, ChatStreamFramer, Framer, PlainTextFramer, SseFramer
 from services.api.generation import GenerationRequest, GenerationService
 from services.api.generation_params import GenerationParams
 from services.api.load import load_response
@@ -34,7 +34,7 @@ from services.api.response import RelayResponse
 from services.api.sessions import SessionStore, Turn, turns_to_messages
 from services.api.settings import ApiSettings, ResponseFormat
 from services.api.validation import check_body_size, parse_chat_request, read_body
-from services.common.contract import ChatMessage, new_request_id
+from services.common.contract import ChatMessage, HistoryWindow, new_request_id
 from services.common.redis_client import arq_redis_from_url, redis_from_url
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,10 @@ class ChatStream:
         ``request_body``: pass the raw body when the route already read it
         (reading it again would hang). ``callback(request, message)``, sync or
         async, fires exactly once after the response ends for every accepted
-        request, with a :class:`CallbackMessage`. Bad input is answered with a
-        4xx JSON error and no callback; so is a full wait queue (429 with
+        request, with a :class:`CallbackMessage`; ``request.state.chat`` then holds
+        the finished exchange (:class:`~services.api.exchange.ChatExchange`: the
+        reply as sent, usage, history, timings). Bad input is answered with a 4xx
+        JSON error and no callback; so is a full wait queue (429 with
         ``Retry-After``).
         """
         try:
@@ -116,7 +118,7 @@ class ChatStream:
             ticket = await self.generation.admit(request_id)
         except ApiError as error:
             metrics.count_refused(error.status)
-            return error.to_response()
+            return self._framer(request)[0].http_error(error)
 
         if chat_request.regenerate:
             user_input, context = history[-1].user, history[:-1]
@@ -139,12 +141,22 @@ class ChatStream:
         # idle (or stolen and unused) cookie on the server.
         headers = [(b"set-cookie", self.sessions.set_cookie_header(session_id, request).encode())]
         framer, sse = self._framer(request)
+        headers.extend(framer.headers(request_id))
         if sse:
             headers.append((b"cache-control", b"no-cache"))
             headers.append((b"x-accel-buffering", b"no"))  # nginx: do not buffer the stream
         return self.generation.respond(
             request,
-            GenerationRequest(request_id, messages, sampling),
+            GenerationRequest(
+                request_id,
+                messages,
+                sampling,
+                history=HistoryWindow(turns=len(context), max_tokens=self.settings.history_max_tokens),
+                session_id=session_id,
+                user_input=user_input,
+                prior_turns=tuple(context),
+                regenerate=chat_request.regenerate,
+            ),
             ticket,
             framer=framer,
             send_headers_early=sse,
@@ -166,6 +178,10 @@ class ChatStream:
         except RedisError:
             logger.warning("clearing the session failed", exc_info=True)
             return ApiError(503, "redis_unavailable", "the session store is unreachable").to_response()
+        if self.settings.response_format is ResponseFormat.CHATSTREAM:
+            # ChatStream 0.3's answer: its web UI only reads it as text, but a client
+            # that parses it as JSON would fail on an empty 204.
+            return JSONResponse(CHATSTREAM_CONTEXT_CLEARED)
         return Response(status_code=204)
 
     async def get_generation_params(self, request: Request) -> Response:

@@ -4,9 +4,11 @@
   reply as it grows. An error after the first byte aborts the response (no final
   chunk), which every HTTP client reports as an incomplete body.
 * SSE (``Accept: text/event-stream``): JSON events ``queued`` (position while
-  waiting for a permit), ``token``, ``done``, ``error``.
+  waiting for a permit), ``token``, ``done`` (finish reason, usage, and the
+  history turns the prompt kept), ``error``.
 * ChatStream 0.3 (setting): each chunk is the whole reply so far followed by
-  ``<::EOS::>``, for existing ChatStream web clients.
+  ``<::EOS::>``, for existing ChatStream web clients, with error bodies in the
+  shape those clients read (see :class:`ChatStreamFramer`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
 from services.api.errors import ApiError
+from services.common.contract import StreamEvent
 
 CHATSTREAM_EOS = "<::EOS::>"
+#: ChatStream 0.3 names each streamed reply in this header (its clients may send the
+#: id back, e.g. with feedback); here it is the request id.
+CHATSTREAM_MESSAGE_ID_HEADER = "x-chatstream-last-generated-message-id"
+#: The one code ChatStream 0.3 gives every server-side failure (HTTP 500 there).
+CHATSTREAM_SERVER_ERROR = "internal_server_error"
+#: ChatStream 0.3's answer to ``POST /clear_context``.
+CHATSTREAM_CONTEXT_CLEARED = {"success": True, "message": "Context successfully cleared"}
 
 
 class Framer:
@@ -29,8 +41,8 @@ class Framer:
         """Bytes for one text delta."""
         raise NotImplementedError
 
-    def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
-        """Bytes that end a successful response."""
+    def done(self, event: StreamEvent) -> bytes:
+        """Bytes that end a successful response (``event`` is the ``done`` entry)."""
         return b""
 
     def queued(self, position: int) -> bytes:
@@ -42,10 +54,19 @@ class Framer:
         """Bytes that report an error in-band, or None to abort the response."""
         return None
 
+    def headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
+        """Response headers this format adds to a streamed reply."""
+        return []
+
+    def http_error(self, error: ApiError) -> JSONResponse:
+        """The HTTP response for an error before any byte was sent:
+        ``{"error": code, "message": ...}``."""
+        return error.to_response()
+
     def error_response(self, status: int, code: str, message: str) -> tuple[bytes, str]:
-        """Body and content type of an error that happens before any byte was sent
-        (an ordinary HTTP error with ``status``): ``{"error": code, "message": ...}``."""
-        response = ApiError(status, code, message).to_response()
+        """Body and content type of :meth:`http_error` for a generation that failed
+        before its first byte (an ordinary HTTP error with ``status``)."""
+        response = self.http_error(ApiError(status, code, message))
         return bytes(response.body), "application/json"
 
 
@@ -57,7 +78,18 @@ class PlainTextFramer(Framer):
 
 
 class ChatStreamFramer(Framer):
-    """ChatStream 0.3's cumulative framing."""
+    """ChatStream 0.3's cumulative framing, headers and error bodies.
+
+    ChatStream's clients (the web UI in its repository and ChatStreamJs) show
+    the text of each read as the whole reply, and sort a failed request by HTTP
+    status alone (4xx: client error, 5xx: server error), then read
+    ``err.json.error`` (the code) and ``err.json.detail`` (a sentence).
+    ChatStream 0.3 itself only ever answered ``too_many_requests`` (also our code
+    for a full queue) and ``internal_server_error`` for any server-side failure,
+    so every 5xx carries that code here; our own code and message stay in
+    ``code`` and ``message``, and ``detail`` is that message (a 422's
+    field-by-field list is in the default format only).
+    """
 
     def __init__(self) -> None:
         self._text = ""
@@ -65,6 +97,18 @@ class ChatStreamFramer(Framer):
     def token(self, delta: str) -> bytes:
         self._text += delta
         return (self._text + CHATSTREAM_EOS).encode()
+
+    def headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
+        return [(CHATSTREAM_MESSAGE_ID_HEADER.encode(), request_id.encode())]
+
+    def http_error(self, error: ApiError) -> JSONResponse:
+        body = {
+            "error": CHATSTREAM_SERVER_ERROR if error.status >= 500 else error.code,
+            "detail": error.message,
+            "code": error.code,
+            "message": error.message,
+        }
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
 class SseFramer(Framer):
@@ -83,14 +127,14 @@ class SseFramer(Framer):
     def queued(self, position: int) -> bytes:
         return self.event("queued", {"position": position})
 
-    def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
-        return self.event(
-            "done",
-            {
-                "finish_reason": finish_reason,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
-            },
-        )
+    def done(self, event: StreamEvent) -> bytes:
+        data: dict[str, Any] = {
+            "finish_reason": event.finish_reason,
+            "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
+        }
+        if event.history_turns is not None:
+            data["history_turns"] = event.history_turns
+        return self.event("done", data)
 
     def error(self, code: str, message: str) -> bytes | None:
         return self.event("error", {"code": code, "message": message})

@@ -24,6 +24,7 @@ from services.api import metrics
 from services.api.admission import Admission, QueueTimeout, Ticket
 from services.api.enqueue import JobQueue
 from services.api.errors import ApiError
+from services.api.exchange import ChatExchange, History, Timings, Usage
 from services.api.framing import Framer
 from services.api.outcome import Callback, CallbackMessage, invoke_callback
 from services.api.relay import GeneratorLost, JobLost, delete_stream
@@ -31,7 +32,15 @@ from services.api.response import Queued, RelayProgress, RelayResponse, StreamFa
 from services.api.settings import ApiSettings
 from services.api.stream_reader import StreamReader, Subscription
 from services.common.logs import request_id_var
-from services.common.contract import ChatMessage, EventType, GenerationJob, SamplingParams, StreamEvent
+from services.common.contract import (
+    ChatMessage,
+    EventType,
+    FinishReason,
+    GenerationJob,
+    HistoryWindow,
+    SamplingParams,
+    StreamEvent,
+)
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("services.api")
@@ -45,11 +54,21 @@ OnReply = Callable[[str], Awaitable[None]]
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What to generate, and for whom."""
+    """What to generate, and for whom.
+
+    ``history`` says which of ``messages`` the generator may drop to fit the
+    context (``None``: the client owns the conversation, nothing is dropped); the
+    fields after it describe the request to the callback (``request.state.chat``,
+    see :mod:`services.api.exchange`)."""
 
     request_id: str
     messages: list[ChatMessage]
     sampling: SamplingParams
+    history: HistoryWindow | None = None
+    session_id: str | None = None
+    user_input: str = ""
+    prior_turns: History = ()
+    regenerate: bool = False
 
 
 class GenerationService:
@@ -138,6 +157,7 @@ class GenerationService:
                             sampling=generation.sampling,
                             lease=ticket.lease,
                             notify_key=subscription.notify_key,
+                            history=generation.history or HistoryWindow(),
                         )
                     )
                 except QueueTimeout as exc:
@@ -209,6 +229,7 @@ class GenerationService:
             except RedisError:
                 logger.exception("deleting the stream of %s failed; it expires by itself", request_id)
             logger.info("request %s finished: %s", request_id, message.value)
+            request.state.chat = _exchange(generation, message, progress, ticket, response.accepted_at)
             await invoke_callback(callback, request, message)
 
         response = RelayResponse(
@@ -220,3 +241,39 @@ class GenerationService:
             deadline_seconds=self.settings.request_timeout_seconds,
         )
         return response
+
+
+def _exchange(
+    generation: GenerationRequest,
+    message: CallbackMessage,
+    progress: RelayProgress,
+    ticket: Ticket,
+    accepted_at: float,
+) -> ChatExchange:
+    """What the callback is told about a request that ended with ``message``."""
+    done = progress.done
+    if done is not None:
+        finish_reason = done.finish_reason
+        usage = Usage(done.prompt_tokens, done.completion_tokens)
+    else:
+        # The generation never reported its end: count what the client was sent.
+        finish_reason = "error" if message is CallbackMessage.UNKNOWN_ERROR_OCCURRED else FinishReason.CANCELLED.value
+        usage = Usage(None, progress.tokens_sent)
+    now = time.monotonic()
+    return ChatExchange(
+        request_id=generation.request_id,
+        session_id=generation.session_id,
+        user_input=generation.user_input,
+        reply=progress.reply_sent,
+        finish_reason=finish_reason,
+        usage=usage,
+        history=generation.prior_turns,
+        history_turns_used=done.history_turns if done is not None and generation.history is not None else None,
+        regenerate=generation.regenerate,
+        timings=Timings(
+            queue_wait=None if ticket.acquired_at is None else ticket.acquired_at - ticket.entered_at,
+            time_to_first_token=None if progress.first_token_at is None else progress.first_token_at - accepted_at,
+            total=now - accepted_at,
+        ),
+        error=progress.error.code if progress.error is not None else None,
+    )

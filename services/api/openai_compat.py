@@ -38,6 +38,7 @@ from services.common.contract import (
     MAX_STOP_STRINGS,
     ChatMessage,
     SamplingParams,
+    StreamEvent,
     new_request_id,
 )
 
@@ -226,7 +227,7 @@ class CompletionFramer(_OpenAIFramer):
         self._parts.append(delta)
         return b""
 
-    def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def done(self, event: StreamEvent) -> bytes:
         completion = {
             "id": self.completion_id,
             "object": "chat.completion",
@@ -238,10 +239,10 @@ class CompletionFramer(_OpenAIFramer):
                     "index": 0,
                     "message": {"role": "assistant", "content": "".join(self._parts), "refusal": None},
                     "logprobs": None,
-                    "finish_reason": _finish_reason(finish_reason),
+                    "finish_reason": _finish_reason(event.finish_reason),
                 }
             ],
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "usage": _usage(event.prompt_tokens, event.completion_tokens),
         }
         return json.dumps(completion, ensure_ascii=False).encode()
 
@@ -286,8 +287,8 @@ class ChunkFramer(_OpenAIFramer):
     def token(self, delta: str) -> bytes:
         return self._role() + self._chunk({"content": delta})
 
-    def done(self, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> bytes:
-        body = self._role() + self._chunk({}, _finish_reason(finish_reason))
+    def done(self, event: StreamEvent) -> bytes:
+        body = self._role() + self._chunk({}, _finish_reason(event.finish_reason))
         if self._include_usage:
             body += self._event(
                 {
@@ -297,7 +298,7 @@ class ChunkFramer(_OpenAIFramer):
                     "model": self.model,
                     "system_fingerprint": None,
                     "choices": [],
-                    "usage": _usage(prompt_tokens, completion_tokens),
+                    "usage": _usage(event.prompt_tokens, event.completion_tokens),
                 }
             )
         return body + b"data: [DONE]\n\n"
@@ -338,10 +339,11 @@ class OpenAICompat:
             metrics.count_refused(error.status)
             return openai_error_response(error)
 
-        messages = [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in completion.messages]
+        sent = [ChatMessage("system" if m.role == "developer" else m.role, m.text()) for m in completion.messages]
         # The operator's system prompt comes first, and a client's own system message
         # follows it, unless ALLOW_CLIENT_SYSTEM_PROMPT lets the client's replace it.
-        client_replaces = self.settings.allow_client_system_prompt and any(m.role == "system" for m in messages)
+        client_replaces = self.settings.allow_client_system_prompt and any(m.role == "system" for m in sent)
+        messages = list(sent)
         if self.settings.system_prompt and not client_replaces:
             messages.insert(0, ChatMessage("system", self.settings.system_prompt))
         model = completion.model or self.settings.model_name
@@ -354,9 +356,18 @@ class OpenAICompat:
             headers = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         else:
             framer = CompletionFramer(completion_id, int(time.time()), model)
+        # The callback's view: the last user message is the input, what precedes it
+        # the history (the client sent the whole conversation).
+        last_user = max((i for i, m in enumerate(sent) if m.role == "user"), default=len(sent))
         return self.generation.respond(
             request,
-            GenerationRequest(request_id, messages, completion.sampling()),
+            GenerationRequest(
+                request_id,
+                messages,
+                completion.sampling(),
+                user_input=sent[last_user].content if last_user < len(sent) else "",
+                prior_turns=tuple(sent[:last_user]),
+            ),
             ticket,
             framer=framer,
             # Headers go out with the first token, so that an error before it (queue

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -63,9 +63,24 @@ class RelayProgress:
 
     headers_sent: bool = False
     tokens_sent: int = 0
+    first_token_at: float | None = None
     last_token_at: float = 0.0
     done: StreamEvent | None = None
     error: StreamFailed | None = None
+    #: Text deltas whose bytes were handed to the server, and those framed but not yet
+    #: sent (a buffering framer sends them all with ``done``).
+    text_sent: list[str] = field(default_factory=list)
+    text_pending: list[str] = field(default_factory=list)
+
+    @property
+    def reply_sent(self) -> str:
+        """Exactly the reply text the client was sent."""
+        return "".join(self.text_sent)
+
+    def mark_sent(self) -> None:
+        """The bytes of every pending delta went out."""
+        self.text_sent += self.text_pending
+        self.text_pending.clear()
 
 
 #: Called once when the response is over: (message, progress) -> None.
@@ -179,11 +194,14 @@ class RelayResponse(Response):
                     await send({"type": "http.response.body", "body": body, "more_body": True})
             elif event.type is EventType.TOKEN:
                 body = self._framer.token(event.text)
+                progress.text_pending.append(event.text)
                 if body:  # a buffering framer (a non-streaming reply) sends nothing yet
                     await self._start(send, progress)
                     await send({"type": "http.response.body", "body": body, "more_body": True})
+                    progress.mark_sent()
                 now = time.monotonic()
                 if progress.tokens_sent == 0:
+                    progress.first_token_at = now
                     metrics.TIME_TO_FIRST_TOKEN.observe(now - self.accepted_at)
                 else:
                     metrics.INTER_TOKEN_LATENCY.observe(now - progress.last_token_at)
@@ -193,8 +211,9 @@ class RelayResponse(Response):
             elif event.type is EventType.DONE:
                 progress.done = event
                 await self._start(send, progress)
-                body = self._framer.done(event.finish_reason, event.prompt_tokens, event.completion_tokens)
+                body = self._framer.done(event)
                 await send({"type": "http.response.body", "body": body, "more_body": False})
+                progress.mark_sent()
                 return
             elif event.type is EventType.ERROR:
                 raise StreamFailed(event.code or "generation_failed", event.message or "generation failed")

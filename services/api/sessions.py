@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from itsdangerous import BadSignature, TimestampSigner
 from redis.asyncio import Redis
@@ -53,9 +53,9 @@ return dropped
 """
 
 
-@dataclass(frozen=True)
-class Turn:
-    """One exchange: the user's message and the assistant's reply."""
+class Turn(NamedTuple):
+    """One exchange: the user's message and the assistant's reply; a pair, so
+    ``user, assistant = turn`` works (the callback's ``request.state.chat.history``)."""
 
     user: str
     assistant: str

@@ -70,7 +70,16 @@ class ApiSettings(CommonSettings):
         "",
         description="Redis for the chat sessions alone (its own memory limit and eviction policy); empty = REDIS_URL.",
     )
-    history_max_turns: int = Field(20, ge=0, description="Most recent exchanges sent to the model as context.")
+    history_max_turns: int = Field(
+        20,
+        ge=0,
+        description="Most recent exchanges sent to the generator as context; it keeps the newest that fit the model's context (see HISTORY_MAX_TOKENS).",
+    )
+    history_max_tokens: int = Field(
+        0,
+        ge=0,
+        description="Most tokens of history in a prompt, counted by the generator's tokenizer; older turns are dropped beyond it (0 = as many as the model's context leaves after the reply's max_new_tokens).",
+    )
     history_max_bytes: int = Field(
         131072,
         ge=1024,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.requests import Request
 
 from services.api.errors import ApiError
@@ -43,8 +43,18 @@ class ChatStreamRequest(BaseModel):
     # be silently ignored.
     model_config = ConfigDict(extra="forbid")
 
-    user_input: str = Field("", description="The user's message. May be empty only with regenerate=true.")
+    user_input: str = Field(
+        "",
+        description="The user's message. May be empty or null (as ChatStream's clients send it) only to regenerate.",
+    )
     regenerate: bool = Field(False, description="Drop the last reply and generate it again.")
+
+    @field_validator("user_input", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        # ChatStream's own clients (its web UI, ChatStreamJs) regenerate with
+        # {"user_input": null, "regenerate": true}.
+        return "" if value is None else value
 
 
 def load_json_object(body: bytes, example: str, *, non_object_status: int = 422) -> dict[str, Any]:

@@ -145,6 +145,23 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class HistoryWindow:
+    """Which messages of a job are a conversation's history, and how much of it to keep.
+
+    The ``turns`` (user, assistant) pairs right before the job's last message are
+    history: the generator drops them oldest first until the prompt plus the reply's
+    ``max_new_tokens`` fit the model's context and the history is at most
+    ``max_tokens`` tokens (0 = no cap of its own). It counts with its own tokenizer
+    and chat template, which the API does not have. The system prompt and the last
+    message are always kept. ``turns=0``: nothing may be dropped (the OpenAI routes,
+    whose client owns the conversation, and jobs of APIs that predate this field).
+    """
+
+    turns: Annotated[int, Ge(0)] = 0
+    max_tokens: Annotated[int, Ge(0)] = 0
+
+
+@dataclass(frozen=True)
 class GenerationJob:
     """The arguments of one generation job, passed to arq as a plain dict.
 
@@ -161,6 +178,7 @@ class GenerationJob:
     #: The reading API's doorbell (``reader_wake_key``): every entry written to the
     #: request's stream is announced there. '' for none.
     notify_key: str = ""
+    history: HistoryWindow = field(default_factory=HistoryWindow)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form sent through arq (as JSON: see :func:`serialize_job`).
@@ -175,6 +193,7 @@ class GenerationJob:
             "trace_context": dict(self.trace_context),
             "lease": {"holder_id": self.lease.holder_id, "fencing_token": self.lease.fencing_token} if self.lease else None,
             "notify_key": self.notify_key,
+            "history": {"turns": self.history.turns, "max_tokens": self.history.max_tokens},
         }
 
 
@@ -235,9 +254,12 @@ def deserialize_job(raw: bytes) -> dict[str, Any]:
             raise JobRejected("unknown_function", f"the only job function is {GENERATE_FUNCTION!r}") from None
         detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'job'}: {e['msg']}" for e in errors[:5])
         raise JobRejected("bad_schema", detail) from None
-    if envelope["a"][0].lease is None:
+    job: GenerationJob = envelope["a"][0]
+    if job.lease is None:
         # Every write a generator makes is fenced by the permit the job runs under.
         raise JobRejected("bad_schema", "a.0.lease: a job must carry the lease of its permit")
+    if 2 * job.history.turns + 1 > len(job.messages):
+        raise JobRejected("bad_schema", "a.0.history.turns: more history turns than the job has messages")
     return envelope
 
 
@@ -282,6 +304,9 @@ class StreamEvent:
     #: produced while its previous write was in flight as one entry, and the API's
     #: stream reader merges entries that arrive in one read. On the wire only when > 1.
     tokens: int = 1
+    #: ``done`` of a job with a :class:`HistoryWindow`: the history turns the prompt
+    #: kept (the newest ones). On the wire only when set.
+    history_turns: int | None = None
 
     def to_fields(self) -> dict[str, str]:
         """Encode as the field map of an ``XADD``, omitting empty fields."""
@@ -296,6 +321,8 @@ class StreamEvent:
             out["usage"] = json.dumps(
                 {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
             )
+            if self.history_turns is not None:
+                out["history_turns"] = str(self.history_turns)
         return out
 
     @classmethod
@@ -320,6 +347,7 @@ class StreamEvent:
             code=data.get("code", ""),
             message=data.get("message", ""),
             worker=data.get("worker", ""),
+            history_turns=int(data["history_turns"]) if "history_turns" in data else None,
         )
 
     @property

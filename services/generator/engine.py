@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from services.common.contract import ChatMessage, FinishReason, SamplingParams
+from services.common.contract import ChatMessage, FinishReason, HistoryWindow, SamplingParams
 from services.generator.detokenizer import IncrementalDetokenizer
-from services.generator.prompt import encode_conversation
+from services.generator.prompt import InputTooLong, fit_conversation
 from services.generator.settings import Backend, GeneratorSettings
 
 logger = logging.getLogger(__name__)
@@ -65,13 +65,15 @@ class ResolvedSampling:
 
 class Generation:
     """One generation in progress: ``async for delta in generation`` yields text;
-    after the iteration ends, ``finish_reason`` and the token counts are set."""
+    after the iteration ends, ``finish_reason`` and the token counts are set.
+    ``history_turns``: the history turns of the conversation the prompt kept."""
 
-    def __init__(self, deltas: AsyncIterator[str]) -> None:
+    def __init__(self, deltas: AsyncIterator[str], history_turns: int = 0) -> None:
         self._deltas = deltas
         self.finish_reason: FinishReason = FinishReason.LENGTH
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.history_turns = history_turns
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._deltas
@@ -87,8 +89,16 @@ class Engine(Protocol):
         """The model's context window in tokens (0 = unknown), published with the registration."""
         ...
 
-    def start(self, messages: list[ChatMessage], sampling: ResolvedSampling, cancel: threading.Event) -> Generation:
-        """Begin generating; setting ``cancel`` stops it at the next token."""
+    def start(
+        self,
+        messages: list[ChatMessage],
+        sampling: ResolvedSampling,
+        cancel: threading.Event,
+        history: HistoryWindow = HistoryWindow(),
+    ) -> Generation:
+        """Begin generating; setting ``cancel`` stops it at the next token. The
+        ``history`` turns of ``messages`` may be dropped, oldest first, to fit the
+        model's context."""
         ...
 
     def close(self) -> None:
@@ -108,7 +118,14 @@ class SyntheticEngine:
         self._interval = 1.0 / settings.synthetic_tokens_per_second
         self._fail_after = settings.synthetic_fail_after_tokens
 
-    def start(self, messages: list[ChatMessage], sampling: ResolvedSampling, cancel: threading.Event) -> Generation:
+    def start(
+        self,
+        messages: list[ChatMessage],
+        sampling: ResolvedSampling,
+        cancel: threading.Event,
+        history: HistoryWindow = HistoryWindow(),
+    ) -> Generation:
+        """No context limit: every history turn is kept."""
         words = (messages[-1].content.split() if messages else []) or ["..."]
         generation: Generation
 
@@ -127,7 +144,7 @@ class SyntheticEngine:
                 yield (" " if i else "") + words[i % len(words)]
             generation.finish_reason = FinishReason.LENGTH
 
-        generation = Generation(deltas())
+        generation = Generation(deltas(), history.turns)
         return generation
 
     def close(self) -> None:
@@ -155,13 +172,25 @@ class TransformersEngine:
         """The model's context window in tokens (0 = its config names none)."""
         return self._context_limit
 
-    def start(self, messages: list[ChatMessage], sampling: ResolvedSampling, cancel: threading.Event) -> Generation:
-        prompt_ids = encode_conversation(self.tokenizer, messages)
-        if self._context_limit and len(prompt_ids) >= self._context_limit:
-            raise GenerationError(
-                "prompt_too_long",
-                f"the conversation is {len(prompt_ids)} tokens; this model accepts at most {self._context_limit - 1}",
+    def start(
+        self,
+        messages: list[ChatMessage],
+        sampling: ResolvedSampling,
+        cancel: threading.Event,
+        history: HistoryWindow = HistoryWindow(),
+    ) -> Generation:
+        # The history gives way to the reply: the prompt keeps the newest turns that
+        # leave room for max_new_tokens.
+        budget = self._context_limit - sampling.max_new_tokens if self._context_limit else None
+        try:
+            prompt = fit_conversation(
+                self.tokenizer, messages, history, budget=budget, context_limit=self._context_limit
             )
+        except InputTooLong as exc:
+            raise GenerationError("prompt_too_long", str(exc)) from None
+        if prompt.history_turns < history.turns:
+            logger.info("the prompt keeps %d of %d history turns", prompt.history_turns, history.turns)
+        prompt_ids = prompt.ids
         max_new = sampling.max_new_tokens
         if self._context_limit:
             max_new = min(max_new, self._context_limit - len(prompt_ids))
@@ -215,7 +244,7 @@ class TransformersEngine:
             else:
                 generation.finish_reason = FinishReason.LENGTH
 
-        generation = Generation(deltas())
+        generation = Generation(deltas(), prompt.history_turns)
         return generation
 
     def _generate_blocking(

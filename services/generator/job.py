@@ -101,7 +101,7 @@ class JobRunner:
         sampling = ResolvedSampling.resolve(job.sampling, self._settings)
         started = time.perf_counter()
         try:
-            generation = self._engine.start(job.messages, sampling, cancel)
+            generation = self._engine.start(job.messages, sampling, cancel, job.history)
             produced = _Deltas()
             producer = asyncio.create_task(self._produce(generation, produced, span, started))
             stopped_early = True
@@ -143,11 +143,13 @@ class JobRunner:
         span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", generation.completion_tokens)
         span.set_attribute("chat.finish_reason", generation.finish_reason.value)
+        span.set_attribute("chat.history_turns", generation.history_turns)
         return StreamEvent(
             EventType.DONE,
             finish_reason=generation.finish_reason.value,
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=generation.completion_tokens,
+            history_turns=generation.history_turns,
         )
 
     @staticmethod

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
-from services.common.contract import ChatMessage
+from services.common.contract import ChatMessage, HistoryWindow
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,74 @@ def encode_conversation(tokenizer: Any, messages: list[ChatMessage]) -> list[int
     for i in range(1, len(pieces), 2):
         pieces[i] = messages[int(pieces[i])].content
     return _tokenize(tokenizer, pieces, leading_special_tokens=False)
+
+
+class InputTooLong(ValueError):
+    """Even with no history at all the prompt does not fit the context. ``what`` names
+    what was measured: the message alone, or a conversation nothing may be dropped from."""
+
+    def __init__(self, tokens: int, limit: int, what: str) -> None:
+        super().__init__(f"{what} is {tokens} tokens; this model accepts at most {limit}")
+        self.tokens = tokens
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    """The prompt's token ids and how many of the newest history turns it kept."""
+
+    ids: list[int]
+    history_turns: int
+
+
+def fit_conversation(
+    tokenizer: Any, messages: list[ChatMessage], history: HistoryWindow, *, budget: int | None, context_limit: int
+) -> FittedPrompt:
+    """The prompt with as many of the newest history turns as fit in ``budget``
+    tokens (``None``: no budget) and ``history.max_tokens``.
+
+    The system prompt and the last message are always kept; only when they alone
+    reach ``context_limit`` (0 = unknown) is :class:`InputTooLong` raised. The
+    count is exact (the ids the model will be fed, not an estimate), so no margin
+    is kept. Without a fit the prompt may still exceed ``budget``: the caller then
+    shortens the reply to what the context leaves.
+    """
+    turns = history.turns
+    head = len(messages) - 1 - 2 * turns  # messages before the history: the system prompt
+
+    def encode(kept: int) -> list[int]:
+        dropped = 2 * (turns - kept)
+        return encode_conversation(tokenizer, messages[:head] + messages[head + dropped :])
+
+    ids = encode(turns)
+    if turns == 0:
+        if context_limit and len(ids) >= context_limit:
+            # The OpenAI routes: the client's conversation is the input.
+            raise InputTooLong(len(ids), context_limit - 1, "the conversation")
+        return FittedPrompt(ids, 0)
+    if (budget is None or len(ids) <= budget) and not history.max_tokens:
+        return FittedPrompt(ids, turns)  # the common case: one encoding
+    bare = encode(0)
+    if context_limit and len(bare) >= context_limit:
+        raise InputTooLong(len(bare), context_limit - 1, "the message alone (with the system prompt)")
+
+    def fits(candidate: list[int]) -> bool:
+        if budget is not None and len(candidate) > budget:
+            return False
+        return not history.max_tokens or len(candidate) - len(bare) <= history.max_tokens
+
+    if fits(ids):
+        return FittedPrompt(ids, turns)
+    # More turns never make a prompt shorter: binary search for the most that fit.
+    low, high, best = 1, turns - 1, FittedPrompt(bare, 0)
+    while low <= high:
+        middle = (low + high) // 2
+        candidate = encode(middle)
+        if fits(candidate):
+            best, low = FittedPrompt(candidate, middle), middle + 1
+        else:
+            high = middle - 1
+    return best
 
 
 def _tokenize(tokenizer: Any, pieces: list[str], *, leading_special_tokens: bool) -> list[int]:
