@@ -142,7 +142,7 @@ async def test_every_accepted_request_gets_exactly_one_matching_callback(stack):
     assert stack.redis.zcard("chatstream:queue") == 0
     # Long-lived by design, and bounded: registrations, slots and info are purged as they
     # expire, the semaphore's sets as leases expire.
-    persistent = {GENERATORS_KEY.encode(), GENERATOR_SLOTS_KEY.encode(), GENERATOR_INFO_KEY.encode(), CALLBACKS_KEY.encode()}
+    persistent = {k.encode() for k in (GENERATORS_KEY, GENERATOR_SLOTS_KEY, GENERATOR_INFO_KEY, CALLBACKS_KEY)}
     persistent |= {k.encode() for k in GENERATIONS.all}
     for key in stack.redis.keys("*"):
         if key not in persistent and not key.startswith(b"chatstream:queue:health"):

@@ -101,28 +101,25 @@ async def test_other_sites_non_json_and_oversized_bodies_are_refused(stack):
         assert too_big.status_code == 413 and too_big.json()["error"] == "body_too_large"
         assert params_keys(stack) == []
         # The same body from the page's own origin is taken.
-        same_site = await client.post("/generation_params", content=good, headers={**JSON, "sec-fetch-site": "same-origin"})
+        same_site = await client.post(
+            "/generation_params", content=good, headers={**JSON, "sec-fetch-site": "same-origin"}
+        )
         assert same_site.status_code == 200 and same_site.json()["session"] == {"temperature": 0.5}
     assert len(params_keys(stack)) == 1
 
 
 async def test_defaults_and_limits_come_from_the_live_generators(stack):
-    stack.generator(
-        synthetic_generator_env(
-            TEMPERATURE="0.7", TOP_P="0.8", TOP_K="7", REPETITION_PENALTY="1.3", MAX_NEW_TOKENS="5", MAX_NEW_TOKENS_LIMIT="64"
-        )
-    )
-    stack.generator(
-        synthetic_generator_env(
-            TEMPERATURE="0.4", TOP_P="0.8", TOP_K="7", REPETITION_PENALTY="1.3", MAX_NEW_TOKENS="5", MAX_NEW_TOKENS_LIMIT="32"
-        )
-    )
+    shared = {"TOP_P": "0.8", "TOP_K": "7", "REPETITION_PENALTY": "1.3", "MAX_NEW_TOKENS": "5"}
+    stack.generator(synthetic_generator_env(**shared, TEMPERATURE="0.7", MAX_NEW_TOKENS_LIMIT="64"))
+    stack.generator(synthetic_generator_env(**shared, TEMPERATURE="0.4", MAX_NEW_TOKENS_LIMIT="32"))
     api = stack.api()
     async with httpx.AsyncClient(base_url=api.base_url, timeout=10) as client:
         state = (await client.get("/generation_params")).json()
         assert state["generators"] == 2
         # The two disagree on the temperature (a rolling change): which one serves decides.
-        assert state["defaults"] == {"max_new_tokens": 5, "temperature": None, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3}
+        assert state["defaults"] == {
+            "max_new_tokens": 5, "temperature": None, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3
+        }
         assert state["session"] == {} and state["effective"] == state["defaults"]
         assert state["limits"]["max_new_tokens"] == {"type": "integer", "minimum": 1, "maximum": 32}
         assert state["limits"]["temperature"] == {"type": "number", "minimum": 0, "maximum": 2}
@@ -136,7 +133,9 @@ async def test_defaults_and_limits_come_from_the_live_generators(stack):
         )
         at = await client.post("/generation_params", json={"max_new_tokens": 32, "temperature": 0.1})
         assert at.status_code == 200, at.text
-        assert at.json()["effective"] == {"max_new_tokens": 32, "temperature": 0.1, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3}
+        assert at.json()["effective"] == {
+            "max_new_tokens": 32, "temperature": 0.1, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3
+        }
 
 
 async def test_settings_persist_across_api_processes_and_null_resets_one(stack):
@@ -273,7 +272,8 @@ async def test_load_and_settings_answer_503_while_redis_is_down(private_stack):
         assert up.status_code == 200 and up.json()["permits"] == {"in_use": 0, "limit": 2}
         private_stack.redis_server.stop()
         try:
-            for method, path, body in (("GET", "/load", None), ("GET", "/generation_params", None), ("POST", "/generation_params", {"top_k": 5})):
+            routes = [("GET", "/load", None), ("GET", "/generation_params", None), ("POST", "/generation_params", {})]
+            for method, path, body in routes:
                 response = await client.request(method, path, json=body)
                 assert response.status_code == 503, (path, response.text)
                 assert response.json() == {"error": "redis_unavailable", "message": response.json()["message"]}

@@ -54,8 +54,14 @@ GENERATION_PARAMS_OPENAPI = {
         "content": {"application/json": {"schema": GenerationParamsUpdate.model_json_schema()}},
     },
     "responses": {
-        "200": {"description": "The session's settings after the change, as GET returns them.", "content": {"application/json": {}}},
-        "4XX": {"description": "Bad input (422 names each bad field), cross-site (403), not JSON (415).", "content": {"application/json": {}}},
+        "200": {
+            "description": "The session's settings after the change, as GET returns them.",
+            "content": {"application/json": {}},
+        },
+        "4XX": {
+            "description": "Bad input (422 names each bad field), cross-site (403), not JSON (415).",
+            "content": {"application/json": {}},
+        },
     },
 }
 

@@ -8,7 +8,8 @@
         return await chat_stream.handle_chat_stream_request(request)
 
 The request's journey: validate (``validation``) → session history
-(``sessions``) and generation settings (``generation_params``) → then the path shared by every endpoint (``generation``): admit
+(``sessions``) and generation settings (``generation_params``) → then the path
+shared by every endpoint (``generation``): admit
 (``admission``) → enqueue (``enqueue``) → relay (``relay``, ``response``) →
 record the exchange, release the permit and fire the callback (``outcome``).
 """

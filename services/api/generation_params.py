@@ -86,7 +86,8 @@ class Bounds:
     @classmethod
     def of_field(cls, name: str) -> Bounds:
         """The bounds of one field of :class:`GenerationParamsUpdate`."""
-        annotated = next(a for a in get_args(GenerationParamsUpdate.model_fields[name].annotation) if a is not type(None))
+        optional = GenerationParamsUpdate.model_fields[name].annotation
+        annotated = next(a for a in get_args(optional) if a is not type(None))
         base, *constraints = get_args(annotated)
         minimum, exclusive, maximum = 0.0, False, None
         for constraint in constraints:
