@@ -130,6 +130,10 @@ def test_bad_requests_get_openai_shaped_errors_with_the_right_status(stack):
     with pytest.raises(openai.BadRequestError) as temperature:
         client.chat.completions.create(model="m", messages=PROMPT, temperature=5)
     assert temperature.value.param == "temperature"
+    # Outside the job contract's range: refused here, never a job the generator drops.
+    with pytest.raises(openai.BadRequestError) as top_p:
+        client.chat.completions.create(model="m", messages=PROMPT, top_p=0)
+    assert top_p.value.param == "top_p" and "greater than 0" in top_p.value.message
 
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="m", messages=[])

@@ -39,6 +39,8 @@ from services.common.contract import (
     ChatMessage,
     SamplingParams,
     StreamEvent,
+    Temperature,
+    TopP,
     new_request_id,
 )
 
@@ -135,8 +137,10 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    # The contract's own ranges: a value the generator would refuse must be a 400 here,
+    # not a job that is dropped (top_p=0, which OpenAI allows, is refused as vLLM does).
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int | None = Field(1, ge=1)
