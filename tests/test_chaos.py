@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import signal
 import time
 from collections import Counter
@@ -82,8 +83,15 @@ async def test_every_accepted_request_gets_exactly_one_matching_callback(stack):
         async with limiter:
             return await one_request(client, apis[i % 2].base_url + "/chat_stream", rng)
 
+    def running_on(generator) -> set[str]:
+        log = generator.log()
+        started = set(re.findall(r"request (\w+) started", log))
+        return started - set(re.findall(r"request (\w+) finished", log))
+
     async def chaos() -> None:
         await asyncio.sleep(2.0)
+        # Killed while it streams: its clients must get an error (not an idle kill).
+        await eventually(lambda: running_on(generators[0]), 20, "the first generator to be streaming")
         generators[0].stop(signal.SIGKILL)
         await asyncio.sleep(1.5)
         generators.append(await asyncio.to_thread(stack.generator, gen_env))
