@@ -72,6 +72,34 @@ def cancel_key(request_id: str) -> str:
     return f"{KEY_PREFIX}:cancel:{request_id}"
 
 
+def readers_key(request_id: str) -> str:
+    """Key that exists while some client reads, or may come back to read, the request's
+    stream: every API pod relaying it keeps it alive, and one whose client left lets
+    it expire after ``RESUME_GRACE_SECONDS``. A job that names it (``readers_key``)
+    stops when it is gone: nobody is left to read the reply."""
+    return f"{KEY_PREFIX}:readers:{request_id}"
+
+
+def request_key(request_id: str) -> str:
+    """Hash of what an API pod needs to serve a request it did not accept (a resumed
+    stream): who may read it and the exchange's session fields. Only API pods use it."""
+    return f"{KEY_PREFIX}:request:{request_id}"
+
+
+def outcome_key(request_id: str) -> str:
+    """Set once (``SET NX``) by the API pod that reports the request's end, so that
+    of all the pods that served its connections exactly one fires the callback and
+    records the turn. Only API pods use it."""
+    return f"{KEY_PREFIX}:outcome:{request_id}"
+
+
+#: Format of a stream cursor: a Redis Stream entry id (``SSE id:``, ``Last-Event-ID``).
+CURSOR_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
+
+#: The cursor before a stream's first entry.
+STREAM_START = "0-0"
+
+
 def session_key(session_id: str) -> str:
     """Redis list holding a chat session's history, one JSON turn per element."""
     return f"{KEY_PREFIX}:session:{session_id}"
@@ -142,6 +170,11 @@ class Lease:
 
     holder_id: str
     fencing_token: int
+    #: The lease's length. A generator that runs the job renews it every third of
+    #: this while it generates and releases it when it has written the terminal entry,
+    #: so the permit belongs to the generation, not to the API pod that took the
+    #: request. 0: the API renews it (jobs of APIs before this field).
+    seconds: Annotated[float, Ge(0)] = 0.0
 
 
 @dataclass(frozen=True)
@@ -179,6 +212,9 @@ class GenerationJob:
     #: request's stream is announced there. '' for none.
     notify_key: str = ""
     history: HistoryWindow = field(default_factory=HistoryWindow)
+    #: ``readers_key(request_id)`` when the generation must stop once no client reads
+    #: it any more (the key expired); '' to run until done or cancelled.
+    readers_key: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form sent through arq (as JSON: see :func:`serialize_job`).
@@ -191,10 +227,17 @@ class GenerationJob:
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
             "sampling": {f.name: getattr(sampling, f.name) for f in _SAMPLING_FIELDS} | {"stop": list(sampling.stop)},
             "trace_context": dict(self.trace_context),
-            "lease": {"holder_id": self.lease.holder_id, "fencing_token": self.lease.fencing_token} if self.lease else None,
+            "lease": _lease_dict(self.lease),
             "notify_key": self.notify_key,
             "history": {"turns": self.history.turns, "max_tokens": self.history.max_tokens},
+            "readers_key": self.readers_key,
         }
+
+
+def _lease_dict(lease: Lease | None) -> dict[str, Any] | None:
+    if lease is None:
+        return None
+    return {"holder_id": lease.holder_id, "fencing_token": lease.fencing_token, "seconds": lease.seconds}
 
 
 _SAMPLING_FIELDS = fields(SamplingParams)
@@ -307,6 +350,12 @@ class StreamEvent:
     #: ``done`` of a job with a :class:`HistoryWindow`: the history turns the prompt
     #: kept (the newest ones). On the wire only when set.
     history_turns: int | None = None
+    #: ``start``: the generator renews and releases the job's lease itself (see
+    #: :attr:`Lease.seconds`), so the API stops renewing it. On the wire only when set.
+    owns_lease: bool = False
+    #: The id of the last stream entry this event includes: set by the API's reader,
+    #: sent as the SSE ``id:`` and taken back as ``Last-Event-ID``. Never written.
+    cursor: str = field(default="", compare=False)
 
     def to_fields(self) -> dict[str, str]:
         """Encode as the field map of an ``XADD``, omitting empty fields."""
@@ -323,6 +372,8 @@ class StreamEvent:
             )
             if self.history_turns is not None:
                 out["history_turns"] = str(self.history_turns)
+        if self.owns_lease:
+            out["owns_lease"] = "1"
         return out
 
     @classmethod
@@ -348,6 +399,7 @@ class StreamEvent:
             message=data.get("message", ""),
             worker=data.get("worker", ""),
             history_turns=int(data["history_turns"]) if "history_turns" in data else None,
+            owns_lease=data.get("owns_lease") == "1",
         )
 
     @property

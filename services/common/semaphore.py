@@ -256,3 +256,47 @@ class RedisSemaphore:
 async def lease_is_valid(redis: Redis, keys: SemaphoreKeys, holder_id: str, fencing_token: int) -> bool:
     """True while ``holder_id`` holds a live permit with this fencing token."""
     return bool(await redis.eval(_VALID, 2, keys.holders, keys.tokens, holder_id, str(fencing_token)))
+
+
+# The lease's own holder keeping it (a generator that took the permit over): both
+# act only while the fencing token is still the holder's, so a generation whose
+# lease was lost can neither revive nor free a permit that is someone else's now.
+# KEYS: holders, tokens; ARGV: id, token, lease seconds. Returns 1 renewed, 0 lost.
+_RENEW_FENCED = "local lease_ok\n" + lease_check_lua("KEYS[1]", "KEYS[2]", "ARGV[1]", "ARGV[2]") + """
+if not lease_ok then return 0 end
+redis.call('ZADD', KEYS[1], 'XX', lease_now + tonumber(ARGV[3]), ARGV[1])
+return 1
+"""
+
+# KEYS: holders, tokens; ARGV: id, token, channel. Returns 1 released, 0 not held.
+_RELEASE_FENCED = """
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[1])
+return 1
+"""
+
+
+class FencedLease:
+    """A permit kept by the generation that runs under it: renewed and released
+    with its fencing token (see :class:`~services.common.contract.Lease`)."""
+
+    def __init__(self, redis: Redis, holder_id: str, fencing_token: int, seconds: float, keys: SemaphoreKeys = GENERATIONS) -> None:
+        self._keys = keys
+        self._args = [holder_id, str(fencing_token)]
+        self.seconds = seconds
+        self._renew = redis.register_script(_RENEW_FENCED)
+        self._release = redis.register_script(_RELEASE_FENCED)
+
+    async def renew(self) -> bool:
+        """Extend the lease by its length; False when it is lost."""
+        return bool(await self._renew(keys=[self._keys.holders, self._keys.tokens], args=[*self._args, self.seconds]))
+
+    async def release(self) -> bool:
+        """Give the permit back (waiters retry at once); False when it was not held."""
+        return bool(
+            await self._release(
+                keys=[self._keys.holders, self._keys.tokens], args=[*self._args, self._keys.released_channel]
+            )
+        )

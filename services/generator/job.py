@@ -22,6 +22,7 @@ from services.common.logs import request_id_var
 from services.common.telemetry import extract_context
 from services.generator import metrics
 from services.generator.engine import Engine, Generation, GenerationError, ResolvedSampling
+from services.common.semaphore import FencedLease
 from services.generator.publisher import FencedWriter, LeaseLost, StreamPublisher
 from services.generator.settings import GeneratorSettings
 
@@ -54,7 +55,13 @@ class JobRunner:
             if job.lease is not None:
                 span.set_attribute("chat.fencing_token", job.lease.fencing_token)
             publisher = StreamPublisher(
-                self._redis, job.request_id, self._settings.worker_id, job.lease, self._writer, job.notify_key
+                self._redis,
+                job.request_id,
+                self._settings.worker_id,
+                job.lease,
+                self._writer,
+                job.notify_key,
+                job.readers_key,
             )
             refused = await publisher.should_stop()
             if refused:
@@ -63,10 +70,15 @@ class JobRunner:
                 logger.info("request %s not started: %s", job.request_id, refused)
                 span.set_attribute("chat.finish_reason", refused)
                 return refused
+            # The permit belongs to the generation from here: renewed by the watcher,
+            # released once the terminal entry is written (or the job is cut short).
+            lease = None
+            if publisher.owns_lease and job.lease is not None:
+                lease = FencedLease(self._redis, job.lease.holder_id, job.lease.fencing_token, job.lease.seconds)
             await publisher.start()
             metrics.ACTIVE_JOBS.inc()
             cancel = threading.Event()
-            watcher = asyncio.create_task(self._watch(job.request_id, cancel, publisher))
+            watcher = asyncio.create_task(self._watch(job.request_id, cancel, publisher, lease))
             logger.info("request %s started", job.request_id)
             try:
                 terminal = await self._generate(job, cancel, publisher, span)
@@ -93,6 +105,9 @@ class JobRunner:
                 await publisher.publish(terminal)
             except LeaseLost:
                 await publisher.publish_unfenced(_lease_lost_event())
+            finally:
+                if lease is not None:
+                    await _release(lease, job.request_id)
             return outcome
 
     async def _generate(
@@ -112,7 +127,11 @@ class JobRunner:
                 while texts := await produced.take():
                     await publisher.tokens(texts)
                     if publisher.cancelled:
-                        logger.info("request %s stopping: cancelled", job.request_id)
+                        # "abandoned": the API did not ask; nobody reads the reply any more.
+                        reason = "abandoned" if publisher.abandoned else "cancelled"
+                        logger.info("request %s stopping: %s", job.request_id, reason)
+                        if publisher.abandoned:
+                            metrics.JOBS_ABANDONED.inc()
                         break
                 else:
                     stopped_early = False
@@ -173,21 +192,29 @@ class JobRunner:
             produced.close()
         return first_token_at
 
-    async def _watch(self, request_id: str, cancel: threading.Event, publisher: StreamPublisher) -> None:
-        """Until the job ends: stop it when the API asks or the lease is gone, and
-        keep the stream alive with heartbeats."""
-        last_touch = time.monotonic()
+    async def _watch(
+        self, request_id: str, cancel: threading.Event, publisher: StreamPublisher, lease: FencedLease | None
+    ) -> None:
+        """Until the job ends: stop it when the API asks, nobody reads any more or the
+        lease is gone; keep the lease (when the job owns it) and the stream alive."""
+        last_touch = last_renewal = time.monotonic()
         interval = self._settings.cancel_check_seconds
         while not cancel.is_set():
             await asyncio.sleep(interval)
             try:
                 now = time.monotonic()
+                if lease is not None and now - last_renewal >= lease.seconds / 3:
+                    if not await lease.renew():
+                        raise LeaseLost(f"the lease of {request_id} expired")
+                    last_renewal = now
                 # While tokens flow, each write has just checked both, atomically: no
                 # extra round trip is needed until the stream goes quiet.
                 if now - publisher.last_checked >= interval:
                     reason = await publisher.should_stop()
                     if reason:
                         logger.info("request %s stopping: %s", request_id, reason)
+                        if reason == "abandoned":
+                            metrics.JOBS_ABANDONED.inc()
                         cancel.set()
                         return
                     now = time.monotonic()
@@ -233,3 +260,11 @@ def _lease_lost_event() -> StreamEvent:
     return StreamEvent(
         EventType.ERROR, code="lease_lost", message="the request's generation permit expired; generation stopped"
     )
+
+
+async def _release(lease: FencedLease, request_id: str) -> None:
+    """Give the job's permit back; if that fails its lease expires by itself."""
+    try:
+        await lease.release()
+    except Exception:
+        logger.warning("releasing the permit of %s failed; its lease will expire", request_id, exc_info=True)

@@ -21,6 +21,12 @@ TIME_TO_FIRST_TOKEN = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
+JOBS_ABANDONED = Counter(
+    "chatstream_generator_jobs_abandoned_total",
+    "Generations stopped because no client read them any more: the client left and did not resume within "
+    "RESUME_GRACE_SECONDS, or the API pod serving it died (whose callback then never fires).",
+    registry=REGISTRY,
+)
 ACTIVE_JOBS = Gauge("chatstream_generator_active_jobs", "Generations running now.", registry=REGISTRY)
 JOBS = Counter("chatstream_generator_jobs_total", "Jobs by outcome (finish reason or error code).", ["outcome"], registry=REGISTRY)
 JOBS_REJECTED = Counter(

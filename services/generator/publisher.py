@@ -22,25 +22,27 @@ from services.common.contract import (
 from services.common.semaphore import GENERATIONS, lease_check_lua
 
 # Several fenced writes, of any number of requests, in one call.
-# KEYS: holders, tokens, then per write: stream, cancel, doorbell.
+# KEYS: holders, tokens, then per write: stream, cancel, readers, doorbell.
 # ARGV: maxlen, then per write: holder ('' = unfenced), token, ring ('1' or ''),
-# field count, fields...
-# Returns per write: 1 written, 0 lease lost, 2 cancelled by the API.
-# Checking the cancel key here, with every write, spares a separate check while
-# tokens flow. NOMKSTREAM: once the API has deleted the stream (client gone), or its
-# reader's doorbell is gone (API process gone), late writes must not recreate them
-# as keys without a TTL.
+# readers ('1': stop when the readers key is gone), field count, fields...
+# Returns per write: 1 written, 0 lease lost, 2 cancelled by the API, 3 nobody reads.
+# Checking the cancel and readers keys here, with every write, spares a separate
+# check while tokens flow. NOMKSTREAM: once the API has deleted the stream (client
+# gone), or its reader's doorbell is gone (API process gone), late writes must not
+# recreate them as keys without a TTL.
 _FENCED_XADDS = (
     """
 local results = {}
 local a = 2
-for i = 1, (#KEYS - 2) / 3 do
-  local stream, cancel, doorbell = KEYS[3 * i], KEYS[3 * i + 1], KEYS[3 * i + 2]
-  local holder, token, ring, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
-  local first = a + 4
+for i = 1, (#KEYS - 2) / 4 do
+  local stream, cancel, readers, doorbell = KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1], KEYS[4 * i + 2]
+  local holder, token, ring, check_readers, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
+  local first = a + 5
   a = first + n
   if redis.call('EXISTS', cancel) == 1 then
     results[i] = 2
+  elseif check_readers == '1' and redis.call('EXISTS', readers) == 0 then
+    results[i] = 3
   else
     local lease_ok = true
     if holder ~= '' then
@@ -83,16 +85,16 @@ class FencedWriter:
         self._sender: asyncio.Task[None] | None = None
 
     async def write(
-        self, stream: str, cancel: str, doorbell: str, lease_args: list[str], fields: dict[str, str]
+        self, stream: str, cancel: str, readers: str, doorbell: str, lease_args: list[str], fields: dict[str, str]
     ) -> int:
         """Append ``fields`` to ``stream`` (and announce it on ``doorbell``, unless '')
-        if the lease holds and ``cancel`` is unset; returns 1 written, 0 lease lost,
-        2 cancelled."""
+        if the lease holds, ``cancel`` is unset and ``readers`` (unless '') exists;
+        returns 1 written, 0 lease lost, 2 cancelled, 3 nobody reads."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        args = [*lease_args, "1" if doorbell else "", str(2 * len(fields))]
+        args = [*lease_args, "1" if doorbell else "", "1" if readers else "", str(2 * len(fields))]
         for name, value in fields.items():
             args += [name, value]
-        self._pending.append(([stream, cancel, doorbell or stream], args, future))
+        self._pending.append(([stream, cancel, readers or stream, doorbell or stream], args, future))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send())
         return await future
@@ -118,10 +120,11 @@ class FencedWriter:
                     future.set_result(int(result))
 
 
-# KEYS: cancel, holders, tokens; ARGV: holder ('' = unfenced), token.
-# Returns 'cancelled', 'lease_lost' or ''.
+# KEYS: cancel, holders, tokens, readers; ARGV: holder ('' = unfenced), token,
+# readers ('1' to check it). Returns 'cancelled', 'abandoned', 'lease_lost' or ''.
 _CHECK = (
     "if redis.call('EXISTS', KEYS[1]) == 1 then return 'cancelled' end\n"
+    "if ARGV[3] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then return 'abandoned' end\n"
     "if ARGV[1] == '' then return '' end\n"
     "local lease_ok\n"
     + lease_check_lua("KEYS[2]", "KEYS[3]", "ARGV[1]", "ARGV[2]")
@@ -145,29 +148,34 @@ class StreamPublisher:
         lease: Lease | None,
         writer: FencedWriter | None = None,
         doorbell: str = "",
+        readers: str = "",
     ) -> None:
         self._redis = redis
         self._writer = writer or FencedWriter(redis)
         self._doorbell = doorbell  # the reading API's (job.notify_key), or ''
         self._key = stream_key(request_id)
         self._cancel_key = cancel_key(request_id)
+        self._readers = readers  # job.readers_key: stop once no client reads, or ''
+        self.owns_lease = bool(lease and lease.seconds > 0)
         self._worker_id = worker_id
         self._lease_args = [lease.holder_id, str(lease.fencing_token)] if lease else ["", ""]
         self._check = redis.register_script(_CHECK)
         self.last_write = 0.0
         self.last_checked = 0.0  # when Redis last confirmed: not cancelled, lease valid
-        self.cancelled = False  # the API asked to stop (seen by a write)
+        self.cancelled = False  # the API asked to stop, or nobody reads any more (seen by a write)
+        self.abandoned = False  # the latter
 
     async def publish(self, event: StreamEvent) -> None:
         """Append one event. Raises :class:`LeaseLost` when the lease is no longer
         valid; when the API has asked to stop, writes nothing and sets ``cancelled``."""
         result = await self._writer.write(
-            self._key, self._cancel_key, self._doorbell, self._lease_args, event.to_fields()
+            self._key, self._cancel_key, self._readers, self._doorbell, self._lease_args, event.to_fields()
         )
         if result == 0:
             raise LeaseLost(f"the lease of {self._key} is no longer valid")
-        if result == 2:
+        if result in (2, 3):
             self.cancelled = True
+            self.abandoned = result == 3
             return
         self.last_write = self.last_checked = time.monotonic()
 
@@ -190,7 +198,7 @@ class StreamPublisher:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xadd(
                 self._key,
-                StreamEvent(EventType.START, worker=self._worker_id).to_fields(),
+                StreamEvent(EventType.START, worker=self._worker_id, owns_lease=self.owns_lease).to_fields(),
                 maxlen=STREAM_MAXLEN,
                 approximate=True,
             )
@@ -216,10 +224,11 @@ class StreamPublisher:
         await self._redis.expire(self._key, STREAM_TTL_SECONDS)
 
     async def should_stop(self) -> str:
-        """'cancelled' when the API asked to stop, 'lease_lost' when the permit is gone,
-        else ''."""
+        """'cancelled' when the API asked to stop, 'abandoned' when no client reads any
+        more, 'lease_lost' when the permit is gone, else ''."""
         result = await self._check(
-            keys=[self._cancel_key, GENERATIONS.holders, GENERATIONS.tokens], args=self._lease_args
+            keys=[self._cancel_key, GENERATIONS.holders, GENERATIONS.tokens, self._readers or self._cancel_key],
+            args=[*self._lease_args, "1" if self._readers else ""],
         )
         self.last_checked = time.monotonic()
         return result.decode() if isinstance(result, bytes) else str(result)
