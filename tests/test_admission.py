@@ -121,7 +121,7 @@ async def test_disconnect_while_waiting_for_a_permit_leaves_the_queue_and_never_
 async def test_killed_api_pod_returns_its_permit_and_its_queue_place(stack):
     lease = 1.5
     generator = stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="400"))
-    env = {"MAX_CONCURRENT_GENERATIONS": "1", "LEASE_SECONDS": str(lease)}
+    env = {"MAX_CONCURRENT_GENERATIONS": "1", "LEASE_SECONDS": str(lease), "RESUME_GRACE_SECONDS": "0"}
     doomed, survivor = stack.api(env), stack.api(env)
     async with httpx.AsyncClient(timeout=30) as client:
         holding = asyncio.create_task(stream_chat(client, doomed.base_url + "/chat_stream", {"user_input": "held"}))
@@ -134,8 +134,9 @@ async def test_killed_api_pod_returns_its_permit_and_its_queue_place(stack):
         while (await semaphore_counts(stack)) != (0, 0):
             assert time.monotonic() - killed_at < lease + 1, "the permit and the queue place must expire within the lease"
             await asyncio.sleep(0.05)
-        # The generator notices that nobody renews the lease and stops.
-        await eventually(lambda: "stopping: lease_lost" in generator.log(), 3, "the generator to stop")
+        # The generation owned its permit: it stopped because nobody reads it any more
+        # (no grace here), and gave the permit back itself.
+        await eventually(lambda: "stopping: abandoned" in generator.log(), 3, "the generator to stop")
         reply = await stream_chat(client, survivor.base_url + "/chat_stream", {"user_input": "after the crash"})
     assert reply.status == 200 and reply.text.startswith("after the crash")
 

@@ -95,7 +95,8 @@ async def test_success_and_regenerate_show_the_whole_exchange(stack):
 
 async def test_client_disconnects_show_what_was_sent(stack):
     stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="200"))
-    api = stack.api({"MAX_CONCURRENT_GENERATIONS": "1"}, app=SEED_APP)
+    # No grace: the disconnect ends the request at once (the grace is tested in test_resume.py).
+    api = stack.api({"MAX_CONCURRENT_GENERATIONS": "1", "RESUME_GRACE_SECONDS": "0"}, app=SEED_APP)
     async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
         # Leaves after three chunks of the reply.
         leaving = await stream_chat(client, "/chat_stream_callback", {"user_input": "one two three"}, stop_after_chunks=3)

@@ -44,8 +44,8 @@ async def test_reply_streams_token_by_token_through_separate_processes(stack, ti
         assert again.status == 200
         ready = await client.get("/readyz")
         assert ready.status_code == 200 and ready.json()["generators"] == 1
-    # Finished requests leave no stream behind.
-    assert not stack.redis.exists(stream_key(reply.request_id))
+    # A finished request's stream stays readable for RESUME_RETENTION_SECONDS only.
+    assert 0 < stack.redis.ttl(stream_key(reply.request_id)) <= 60
 
 
 async def test_default_model_answers_a_question_sensibly(stack, default_model):
@@ -101,12 +101,13 @@ async def test_success_callback_fires_once_in_the_users_own_app(stack, tiny_mode
 
 async def test_client_closing_mid_stream_stops_generation(stack):
     generator = stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="200"))
-    api = stack.api(app="tests.apps.recording_app:app")
+    # A short grace: the generation goes on for it, then stops (the grace: test_resume.py).
+    api = stack.api({"RESUME_GRACE_SECONDS": "0.5"}, app="tests.apps.recording_app:app")
     async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
         reply = await stream_chat(client, "/chat_stream", {"user_input": "count to a lot"}, stop_after_chunks=3)
     assert await wait_for_callback(stack, reply.request_id) == ["client_disconnected_while_streaming"]
     await eventually(lambda: f"request {reply.request_id} finished: cancelled" in generator.log(), 5, "the generator to stop")
-    assert not stack.redis.exists(stream_key(reply.request_id))
+    assert 0 < stack.redis.ttl(stream_key(reply.request_id)) <= 60
 
 
 async def test_client_closing_while_queued_is_never_generated(stack):

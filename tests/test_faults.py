@@ -34,7 +34,9 @@ def log_time(log: str, pattern: str) -> float:
 async def test_disconnect_mid_stream_stops_generation_within_half_a_second(stack):
     rate = 40
     generator = stack.generator(synthetic_generator_env(tokens_per_second=rate, MAX_NEW_TOKENS="400"))
-    api = stack.api(app="tests.apps.recording_app:app")
+    # Without a grace, as before resumable streams: the client's leaving stops it at once
+    # (with a grace, test_resume.py).
+    api = stack.api({"RESUME_GRACE_SECONDS": "0", "RESUME_RETENTION_SECONDS": "0"}, app="tests.apps.recording_app:app")
     async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
         reply = await stream_chat(client, "/chat_stream", {"user_input": "w"}, stop_after_chunks=10)
     disconnected_at = time.time()

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from scripts.redis_acl import PASSWORD_ENV, RULES_FILE, acl_file, users
+from services.common.semaphore import GENERATIONS
 from services.common.contract import QUEUE_NAME, session_key, session_params_key, stream_key
 from tests.conftest import Stack, synthetic_generator_env
 from tests.support.client import stream_chat
@@ -62,7 +63,7 @@ def acl_stack(acl_redis: RedisServer, workdir: Path) -> Iterator[Stack]:
     stack.generator(
         {**synthetic_generator_env(tokens_per_second=40, MAX_NEW_TOKENS="20"), "REDIS_URL": acl_redis.url_for("chatstream-generator", PASSWORDS["chatstream-generator"])}
     )
-    stack.api({"REDIS_URL": acl_redis.url_for("chatstream-api", PASSWORDS["chatstream-api"]), "MAX_CONCURRENT_GENERATIONS": "1"})
+    stack.api({"REDIS_URL": acl_redis.url_for("chatstream-api", PASSWORDS["chatstream-api"]), "MAX_CONCURRENT_GENERATIONS": "1", "RESUME_GRACE_SECONDS": "1"})
     acl_redis.client.acl_log_reset()
     yield stack
     stack.stop()
@@ -108,10 +109,20 @@ async def test_service_streams_cancels_queues_and_reports_under_its_acl_users(ac
         assert events[-1][0] == "done"
         assert "".join(d["text"] for n, d in events if n == "token").startswith("hello there")
 
-        # A client that goes away mid-reply stops its generation.
+        # Resumable: the requester reads the finished stream again (request record,
+        # readers key, stream read back), on the API's user.
+        again = await client.get(f"/chat_stream/{reply.request_id}", headers={"accept": "text/event-stream"})
+        # The same end, at the same cursor (tokens read back together may be fewer events).
+        assert again.status_code == 200 and again.text.split("\n\n")[-2] == reply.text.split("\n\n")[-2]
+
+        # A client that goes away mid-reply: the generation goes on for the grace (1 s;
+        # these replies are shorter, so it finishes), renewing and then releasing its
+        # own permit on the generator's user.
         gone = await stream_chat(client, "/chat_stream", {"user_input": "go away"}, stop_after_chunks=2)
-        await eventually(lambda: f"request {gone.request_id} finished: cancelled" in generator.log(), 10, "the generator to stop")
-        assert not acl_redis.client.exists(stream_key(gone.request_id))
+        await eventually(lambda: f"request {gone.request_id} finished: length" in generator.log(), 10, "the generation to end")
+        await eventually(lambda: acl_redis.client.zcard(GENERATIONS.holders) == 0, 3, "the permit to return")
+        # Once the grace is over, nobody came back: the stream is kept for the retention only.
+        await eventually(lambda: 0 < acl_redis.client.ttl(stream_key(gone.request_id)) <= 60, 3, "the retention")
 
         # One permit: the second request waits in the admission queue, then is served.
         first = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "first"}, sse=True))

@@ -214,7 +214,8 @@ def test_page_settings_panel_saves_shows_refusals_and_resets(stack, page):
 
 
 def test_page_load_badge_shows_no_generator_then_ready_then_busy(stack, page):
-    api = stack.api({"MAX_CONCURRENT_GENERATIONS": "1"})
+    # No resume grace: the busy client's leaving ends its generation at once.
+    api = stack.api({"MAX_CONCURRENT_GENERATIONS": "1", "RESUME_GRACE_SECONDS": "0"})
     page.goto(api.base_url + "/")
     page.wait_for_selector("#load[data-state='down']:text-is('No generator')", timeout=5_000)
     stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="2000"))

@@ -72,6 +72,7 @@ class Ticket:
         self.entered_at = time.monotonic()
         self.acquired_at: float | None = time.monotonic() if first.status is AcquireStatus.ACQUIRED else None
         self._released = False
+        self._handed_over = False
         self._keepalive: asyncio.Task[None] | None = None
         if first.status is AcquireStatus.ACQUIRED:
             self._start_keepalive()
@@ -83,8 +84,22 @@ class Ticket:
 
     @property
     def lease(self) -> Lease:
-        """The permit the job runs under (only after acquiring)."""
-        return Lease(self.request_id, self.result.fencing_token)
+        """The permit the job runs under (only after acquiring), with its length, so
+        that the generator running the job can keep it alive."""
+        return Lease(self.request_id, self.result.fencing_token, self._admission.semaphore.lease_seconds)
+
+    @property
+    def handed_over(self) -> bool:
+        """Whether the generator now renews and releases the permit."""
+        return self._handed_over
+
+    def hand_over(self) -> None:
+        """The generator took the permit over (its ``start`` entry said so): stop
+        renewing it here, and never release it from here, so that the generation
+        holds it for as long as it runs, whatever becomes of this pod."""
+        self._handed_over = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
 
     async def wait(self) -> AsyncIterator[int]:
         """Yield the queue position (1 = next) each time it changes, until the permit
@@ -119,9 +134,12 @@ class Ticket:
                 logger.error("request %s lost its generation permit", self.request_id)
                 return
 
-    async def release(self) -> None:
-        """Give the permit (or the queue place) back; safe to call more than once."""
-        if self._released:
+    async def release(self, *, force: bool = False) -> None:
+        """Give the permit (or the queue place) back; safe to call more than once.
+        Does nothing once the permit was handed over to the generator, unless
+        ``force``: the generator is gone (its fenced writes fail once the permit is
+        someone else's, so taking it back early is safe)."""
+        if self._released or (self._handed_over and not force):
             return
         self._released = True
         if self._keepalive is not None:

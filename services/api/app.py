@@ -94,6 +94,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def chat_stream_route(request: Request) -> Response:
         return await chat_stream.handle_chat_stream_request(request)
 
+    @app.get("/chat_stream/{request_id}")
+    async def resume_route(request: Request, request_id: str) -> Response:
+        return await chat_stream.handle_resume_request(request, request_id)
+
     @app.post("/clear_context")
     async def clear_context(request: Request) -> Response:
         return await chat_stream.clear_context(request)

@@ -16,6 +16,7 @@ record the exchange, release the permit and fire the callback (``outcome``).
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 from arq.connections import ArqRedis
@@ -25,13 +26,22 @@ from starlette.responses import JSONResponse, Response
 
 from services.api import metrics
 from services.api.errors import ApiError
-from services.api.framing import CHATSTREAM_CONTEXT_CLEARED, ChatStreamFramer, Framer, PlainTextFramer, SseFramer
+from services.api.framing import (
+    CHATSTREAM_CONTEXT_CLEARED,
+    ChatStreamFramer,
+    Framer,
+    OffsetFramer,
+    PlainTextFramer,
+    SseFramer,
+)
 from services.api.generation import GenerationRequest, GenerationService
 from services.api.generation_params import GenerationParams
 from services.api.load import load_response
+from services.api.lifecycle import OnReply
 from services.api.origin import check_same_origin
 from services.api.outcome import Callback
 from services.api.response import RelayResponse
+from services.api.resume import RequestRecord, check_request_id, not_found, owner_of, parse_cursor, parse_offset
 from services.api.sessions import SessionStore, Turn, turns_to_messages
 from services.api.settings import ApiSettings, ResponseFormat
 from services.api.validation import check_body_size, parse_chat_request, read_body
@@ -128,24 +138,12 @@ class ChatStream:
         context = context[-self.settings.history_max_turns :] if self.settings.history_max_turns else []
         messages = [*turns_to_messages(context, self.settings.system_prompt), ChatMessage("user", user_input)]
 
-        async def record_turn(reply: str) -> None:
-            turn = Turn(user_input, reply)
-            try:
-                if chat_request.regenerate:
-                    await self.sessions.replace_last(session_id, turn)
-                else:
-                    await self.sessions.append(session_id, turn)
-            except RedisError:
-                logger.exception("recording the reply of %s in its session failed", request_id)
-
         # Re-signed with every reply: the signature's timestamp is what expires an
         # idle (or stolen and unused) cookie on the server.
         headers = [(b"set-cookie", self.sessions.set_cookie_header(session_id, request).encode())]
         framer, sse = self._framer(request)
-        headers.extend(framer.headers(request_id))
-        if sse:
-            headers.append((b"cache-control", b"no-cache"))
-            headers.append((b"x-accel-buffering", b"no"))  # nginx: do not buffer the stream
+        headers += self._stream_headers(framer, sse, request_id)
+        record = RequestRecord(owner_of(request, session_id), session_id, user_input, chat_request.regenerate)
         return self.generation.respond(
             request,
             GenerationRequest(
@@ -162,9 +160,75 @@ class ChatStream:
             framer=framer,
             send_headers_early=sse,
             headers=headers,
-            on_reply=record_turn,
+            record=record,
+            on_reply=self._turn_recorder(record, request_id),
             callback=callback,
         )
+
+    async def handle_resume_request(
+        self, request: Request, request_id: str, callback: Callback | None = None
+    ) -> Response | RelayResponse:
+        """Continue the reply of an accepted request on any pod (``GET
+        /chat_stream/{request_id}``): with ``Accept: text/event-stream``, the events
+        after ``Last-Event-ID`` (all of them without it); as plain text, the body
+        after its first ``?offset=`` bytes. Only the requester (the same session
+        cookie, or the same API key) may: anyone else gets 404, as for a request
+        that never existed or has expired. ``callback`` fires if this connection
+        is the one that sees the request's end (exactly once per request)."""
+        try:
+            check_request_id(request_id)
+            cursor = parse_cursor(request)
+            offset = parse_offset(request)
+            session_id, _ = self.sessions.session_id(request)
+            try:
+                record = await RequestRecord.load(self.redis, request_id)
+                if record is None or not hmac.compare_digest(record.owner, owner_of(request, session_id)):
+                    raise not_found()
+                if not await self.generation.still_readable(request_id):
+                    raise not_found()  # its retention is over
+            except RedisError:
+                logger.warning("reading the record of %s failed", request_id, exc_info=True)
+                raise ApiError(503, "redis_unavailable", "the request store is unreachable") from None
+        except ApiError as error:
+            return self._framer(request)[0].http_error(error)
+        framer, sse = self._framer(request)
+        if not sse:
+            cursor = ""  # a plain body is resumed by its byte offset
+            if offset and isinstance(framer, PlainTextFramer):
+                framer = OffsetFramer(framer, offset)
+        return self.generation.resume(
+            request,
+            request_id,
+            record,
+            cursor,
+            framer=framer,
+            headers=self._stream_headers(framer, sse, request_id),
+            on_reply=self._turn_recorder(record, request_id),
+            callback=callback,
+        )
+
+    @staticmethod
+    def _stream_headers(framer: Framer, sse: bool, request_id: str) -> list[tuple[bytes, bytes]]:
+        headers = list(framer.headers(request_id))
+        if sse:
+            headers.append((b"cache-control", b"no-cache"))
+            headers.append((b"x-accel-buffering", b"no"))  # nginx: do not buffer the stream
+        return headers
+
+    def _turn_recorder(self, record: RequestRecord, request_id: str) -> OnReply:
+        """Records the finished exchange in its session (once: see ``lifecycle``)."""
+
+        async def record_turn(reply: str) -> None:
+            turn = Turn(record.user_input, reply)
+            try:
+                if record.regenerate:
+                    await self.sessions.replace_last(record.session_id, turn)
+                else:
+                    await self.sessions.append(record.session_id, turn)
+            except RedisError:
+                logger.exception("recording the reply of %s in its session failed", request_id)
+
+        return record_turn
 
     async def clear_context(self, request: Request) -> Response:
         """Forget the conversation of the request's session (``POST /clear_context``).

@@ -37,8 +37,12 @@ class Framer:
 
     media_type = "text/plain; charset=utf-8"
 
-    def token(self, delta: str) -> bytes:
-        """Bytes for one text delta."""
+    def opening(self) -> bytes:
+        """Bytes that start the response body, before any event."""
+        return b""
+
+    def token(self, event: StreamEvent) -> bytes:
+        """Bytes for one ``token`` event (its ``text`` is the delta)."""
         raise NotImplementedError
 
     def done(self, event: StreamEvent) -> bytes:
@@ -50,8 +54,9 @@ class Framer:
         which sees nothing until the first token)."""
         return b""
 
-    def error(self, code: str, message: str) -> bytes | None:
-        """Bytes that report an error in-band, or None to abort the response."""
+    def error(self, code: str, message: str, cursor: str = "") -> bytes | None:
+        """Bytes that report an error in-band, or None to abort the response
+        (``cursor``: the stream entry of a generator's error, '' for the API's own)."""
         return None
 
     def headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
@@ -73,8 +78,37 @@ class Framer:
 class PlainTextFramer(Framer):
     """Plain text deltas."""
 
-    def token(self, delta: str) -> bytes:
-        return delta.encode()
+    def token(self, event: StreamEvent) -> bytes:
+        return event.text.encode()
+
+
+class OffsetFramer(Framer):
+    """A plain-text reply resumed at a byte offset: the wrapped framer's body less
+    its first ``offset`` bytes (those the client already has)."""
+
+    def __init__(self, framer: Framer, offset: int) -> None:
+        self._framer = framer
+        self._skip = offset
+        self.media_type = framer.media_type
+
+    def _cut(self, body: bytes) -> bytes:
+        if self._skip:
+            skipped = min(self._skip, len(body))
+            self._skip -= skipped
+            body = body[skipped:]
+        return body
+
+    def token(self, event: StreamEvent) -> bytes:
+        return self._cut(self._framer.token(event))
+
+    def done(self, event: StreamEvent) -> bytes:
+        return self._cut(self._framer.done(event))
+
+    def headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
+        return self._framer.headers(request_id)
+
+    def http_error(self, error: ApiError) -> JSONResponse:
+        return self._framer.http_error(error)
 
 
 class ChatStreamFramer(Framer):
@@ -94,8 +128,8 @@ class ChatStreamFramer(Framer):
     def __init__(self) -> None:
         self._text = ""
 
-    def token(self, delta: str) -> bytes:
-        self._text += delta
+    def token(self, event: StreamEvent) -> bytes:
+        self._text += event.text
         return (self._text + CHATSTREAM_EOS).encode()
 
     def headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
@@ -112,17 +146,29 @@ class ChatStreamFramer(Framer):
 
 
 class SseFramer(Framer):
-    """Server-sent events with a JSON payload per event."""
+    """Server-sent events with a JSON payload per event.
+
+    Every event that comes from the request's stream carries its cursor as the SSE
+    ``id:``, so a client that lost the connection resumes right after the last event
+    it got (``GET /chat_stream/{request_id}`` with ``Last-Event-ID``); ``retry:``
+    tells ``EventSource`` how soon to reconnect."""
 
     media_type = "text/event-stream; charset=utf-8"
 
-    @staticmethod
-    def event(name: str, data: dict[str, Any]) -> bytes:
-        """One SSE event."""
-        return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+    #: Milliseconds an ``EventSource`` waits before it reconnects.
+    RETRY_MS = 1000
 
-    def token(self, delta: str) -> bytes:
-        return self.event("token", {"text": delta})
+    @staticmethod
+    def event(name: str, data: dict[str, Any], cursor: str = "") -> bytes:
+        """One SSE event (with ``id: cursor`` when given)."""
+        head = f"id: {cursor}\n" if cursor else ""
+        return f"{head}event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+    def opening(self) -> bytes:
+        return f"retry: {self.RETRY_MS}\n\n".encode()
+
+    def token(self, event: StreamEvent) -> bytes:
+        return self.event("token", {"text": event.text}, event.cursor)
 
     def queued(self, position: int) -> bytes:
         return self.event("queued", {"position": position})
@@ -134,7 +180,7 @@ class SseFramer(Framer):
         }
         if event.history_turns is not None:
             data["history_turns"] = event.history_turns
-        return self.event("done", data)
+        return self.event("done", data, event.cursor)
 
-    def error(self, code: str, message: str) -> bytes | None:
-        return self.event("error", {"code": code, "message": message})
+    def error(self, code: str, message: str, cursor: str = "") -> bytes | None:
+        return self.event("error", {"code": code, "message": message}, cursor)

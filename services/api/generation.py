@@ -1,55 +1,42 @@
 """The path every generation request takes through the API pod, whatever its
 front door (``/chat_stream``, the OpenAI-compatible routes, the web page):
 
-admit (``admission``) → enqueue for a generator (``enqueue``) → relay its Redis
-Stream (``relay``, ``response``) → release the permit, clean up, fire the
-callback (``outcome``).
+admit (``admission``) → then one request's life (``lifecycle``): wait for the
+permit, enqueue for a generator (``enqueue``), relay its Redis Stream (``relay``,
+``response``), end it and fire the callback (``outcome``); or, on any pod, the
+rest of an accepted request's stream (``resume``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from arq.connections import ArqRedis
-from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
 from redis.exceptions import RedisError
 from starlette.requests import Request
 
-from services.api import metrics
-from services.api.admission import Admission, QueueTimeout, Ticket
+from services.api.admission import Admission, Ticket
 from services.api.enqueue import JobQueue
 from services.api.errors import ApiError
-from services.api.exchange import ChatExchange, History, Timings, Usage
+from services.api.exchange import History
 from services.api.framing import Framer
-from services.api.outcome import Callback, CallbackMessage, invoke_callback
-from services.api.relay import GeneratorLost, JobLost, delete_stream
-from services.api.response import Queued, RelayProgress, RelayResponse, StreamFailed
+from services.api.lifecycle import NewRequest, OnReply, ResumedRequest
+from services.api.outcome import Callback
+from services.api.relay import delete_stream
+from services.api.response import RelayResponse
+from services.api.resume import Readers, RequestRecord
 from services.api.settings import ApiSettings
-from services.api.stream_reader import StreamReader, Subscription
+from services.api.stream_reader import StreamReader
+from services.common.contract import ChatMessage, HistoryWindow, SamplingParams, stream_key
 from services.common.logs import request_id_var
-from services.common.contract import (
-    ChatMessage,
-    EventType,
-    FinishReason,
-    GenerationJob,
-    HistoryWindow,
-    SamplingParams,
-    StreamEvent,
-)
 
 logger = logging.getLogger(__name__)
-tracer = trace.get_tracer("services.api")
 
 REQUEST_ID_HEADER = "x-request-id"
-
-#: Called with the whole reply once generation succeeded, before the client sees
-#: the end of the response (e.g. to record the turn in the session).
-OnReply = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -90,9 +77,14 @@ class GenerationService:
             retry_after_seconds=settings.retry_after_seconds,
             follow_generators=settings.admission_follows_generators,
         )
+        self.readers = Readers(redis, settings.resume_grace_seconds)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
         """Stop background listeners and readers."""
+        for task in list(self._background):
+            task.cancel()
+        await self.readers.close()
         await self.admission.close()
         await self.reader.close()
 
@@ -106,6 +98,56 @@ class GenerationService:
             logger.warning("admission of %s failed", request_id, exc_info=True)
             raise ApiError(503, "redis_unavailable", "admission control is unreachable") from None
 
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in the background (a grace timer), kept until it ends."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @property
+    def record_ttl_seconds(self) -> int:
+        """Lifetime of a request's record and outcome: longer than it can live."""
+        settings = self.settings
+        return int(
+            settings.request_timeout_seconds + settings.resume_grace_seconds + settings.resume_retention_seconds + 60
+        )
+
+    async def still_readable(self, request_id: str) -> bool:
+        """Whether a request's stream can still be read: it exists, or its job is
+        still waiting for a generator to create it."""
+        return bool(await self.redis.exists(stream_key(request_id))) or await self.queue.is_pending(request_id)
+
+    async def retain_stream(self, request_id: str, resumable: bool) -> None:
+        """Keep a finished resumable request's stream for RESUME_RETENTION_SECONDS,
+        then drop it; drop any other at once."""
+        retention = int(self.settings.resume_retention_seconds)
+        if retention <= 0 or not resumable:
+            await delete_stream(self.redis, request_id)
+        else:
+            await self.redis.expire(stream_key(request_id), retention)
+
+    def _response(
+        self,
+        request: Request,
+        lifecycle: NewRequest | ResumedRequest,
+        framer: Framer,
+        send_headers_early: bool,
+        headers: list[tuple[bytes, bytes]] | None,
+    ) -> RelayResponse:
+        request_id = lifecycle.request_id
+        request.state.request_id = request_id
+        request_id_var.set(request_id)
+        lifecycle.span.set_attribute("chat.request_id", request_id)
+        response = RelayResponse(
+            lifecycle=lifecycle,
+            framer=framer,
+            headers=[(REQUEST_ID_HEADER.encode(), request_id.encode()), *(headers or [])],
+            send_headers_early=send_headers_early,
+            deadline_seconds=self.settings.request_timeout_seconds,
+        )
+        lifecycle.accepted_at = response.accepted_at
+        return response
+
     def respond(
         self,
         request: Request,
@@ -115,165 +157,34 @@ class GenerationService:
         framer: Framer,
         send_headers_early: bool,
         headers: list[tuple[bytes, bytes]] | None = None,
+        record: RequestRecord | None = None,
         on_reply: OnReply | None = None,
         callback: Callback | None = None,
     ) -> RelayResponse:
-        """The streaming response for an admitted ``generation``.
+        """The streaming response for an admitted ``generation``; with ``record`` it
+        can be resumed (``resume``) on any pod.
 
-        ``callback(request, message)`` fires exactly once, after the response ended.
+        ``callback(request, message)`` fires exactly once, after the request ended.
         """
-        request_id = generation.request_id
-        request.state.request_id = request_id
-        request_id_var.set(request_id)
-        span = trace.get_current_span()
-        span.set_attribute("chat.request_id", request_id)
-        # The stages below get spans of their own, children of the server span. They
-        # are started and ended explicitly: a span made "current" across the yields
-        # of an async generator would leak into the code that consumes it.
-        parent = otel_context.get_current()
-        relay_span: trace.Span | None = None
-
-        async def events() -> AsyncIterator[StreamEvent | Queued]:
-            nonlocal relay_span
-            subscription: Subscription | None = None
-            try:
-                wait_span = tracer.start_span(
-                    "admission.wait", context=parent, attributes={"chat.queue_position": ticket.result.position}
-                )
-                try:
-                    async for position in ticket.wait():
-                        yield Queued(position)
-                    wait = ticket.acquired_at - ticket.entered_at
-                    metrics.QUEUE_WAIT.observe(wait)
-                    wait_span.set_attribute("chat.fencing_token", ticket.lease.fencing_token)
-                    span.set_attribute("chat.queue_wait_ms", wait * 1000)
-                    # Subscribed before the job exists, so that the generator's very first
-                    # entry already rings this process's reader.
-                    subscription = await self.reader.subscribe(request_id)
-                    await self.queue.enqueue(
-                        GenerationJob(
-                            request_id=request_id,
-                            messages=generation.messages,
-                            sampling=generation.sampling,
-                            lease=ticket.lease,
-                            notify_key=subscription.notify_key,
-                            history=generation.history or HistoryWindow(),
-                        )
-                    )
-                except QueueTimeout as exc:
-                    wait_span.set_status(Status(StatusCode.ERROR, str(exc)))
-                    raise StreamFailed("queue_timeout", str(exc)) from None
-                except RedisError:
-                    logger.warning("enqueueing %s failed", request_id, exc_info=True)
-                    raise StreamFailed("redis_unavailable", "the job queue is unreachable") from None
-                finally:
-                    wait_span.end()
-                relay_span = tracer.start_span("relay", context=parent, attributes={"chat.request_id": request_id})
-                parts: list[str] = []
-                try:
-                    events = subscription.events(
-                        self.settings.generator_silence_seconds, job_pending=lambda: self.queue.is_pending(request_id)
-                    )
-                    async for event in events:
-                        if event.type is EventType.START:
-                            relay_span.set_attribute("chat.worker", event.worker)
-                        elif event.type is EventType.TOKEN:
-                            if not parts:
-                                relay_span.add_event("first_token")
-                            parts.append(event.text)
-                        elif event.type is EventType.DONE:
-                            relay_span.set_attribute("chat.finish_reason", event.finish_reason)
-                            relay_span.set_attribute("gen_ai.usage.input_tokens", event.prompt_tokens)
-                            relay_span.set_attribute("gen_ai.usage.output_tokens", event.completion_tokens)
-                            if on_reply is not None:
-                                # Before the client sees the end, so that whatever it sends
-                                # next (say, a regenerate) finds the reply already recorded.
-                                await on_reply("".join(parts))
-                        yield event
-                except GeneratorLost as exc:
-                    raise StreamFailed("generator_lost", f"the generator stopped responding: {exc}") from None
-                except JobLost:
-                    raise StreamFailed(
-                        "job_lost", "no generator started the request (it was rejected or expired); try again"
-                    ) from None
-                except RedisError:
-                    logger.warning("relaying %s failed", request_id, exc_info=True)
-                    raise StreamFailed("redis_unavailable", "lost the connection to Redis") from None
-            finally:
-                if subscription is not None:
-                    subscription.close()
-
-        async def finish(message: CallbackMessage, progress: RelayProgress) -> None:
-            span.set_attribute("chat.callback_message", message.value)
-            if relay_span is not None:
-                relay_span.set_attribute("chat.callback_message", message.value)
-                relay_span.set_attribute("chat.tokens_relayed", progress.tokens_sent)
-                if progress.error is not None:
-                    relay_span.set_status(Status(StatusCode.ERROR, progress.error.message))
-                relay_span.end()
-            metrics.REQUEST_DURATION.observe(time.monotonic() - response.accepted_at)
-            metrics.REQUESTS.labels(outcome=message.value).inc()
-            metrics.CALLBACKS.labels(message=message.value).inc()
-            if progress.error is not None:
-                metrics.ERRORS.labels(code=progress.error.code).inc()
-            try:
-                if progress.done is None:
-                    # Stop the generation before its permit goes to someone else.
-                    never_ran = await self.queue.withdraw(request_id)
-                    span.set_attribute("chat.withdrawn_before_start", never_ran)
-            except RedisError:
-                logger.exception("withdrawing request %s failed; its lease will expire", request_id)
-            await ticket.release()
-            try:
-                await delete_stream(self.redis, request_id)
-            except RedisError:
-                logger.exception("deleting the stream of %s failed; it expires by itself", request_id)
-            logger.info("request %s finished: %s", request_id, message.value)
-            request.state.chat = _exchange(generation, message, progress, ticket, response.accepted_at)
-            await invoke_callback(callback, request, message)
-
-        response = RelayResponse(
-            event_source=events,
-            framer=framer,
-            headers=[(REQUEST_ID_HEADER.encode(), request_id.encode()), *(headers or [])],
-            send_headers_early=send_headers_early,
-            finish=finish,
-            deadline_seconds=self.settings.request_timeout_seconds,
+        lifecycle = NewRequest(
+            self, request, generation, ticket, record=record, on_reply=on_reply, callback=callback
         )
-        return response
+        return self._response(request, lifecycle, framer, send_headers_early, headers)
 
-
-def _exchange(
-    generation: GenerationRequest,
-    message: CallbackMessage,
-    progress: RelayProgress,
-    ticket: Ticket,
-    accepted_at: float,
-) -> ChatExchange:
-    """What the callback is told about a request that ended with ``message``."""
-    done = progress.done
-    if done is not None:
-        finish_reason = done.finish_reason
-        usage = Usage(done.prompt_tokens, done.completion_tokens)
-    else:
-        # The generation never reported its end: count what the client was sent.
-        finish_reason = "error" if message is CallbackMessage.UNKNOWN_ERROR_OCCURRED else FinishReason.CANCELLED.value
-        usage = Usage(None, progress.tokens_sent)
-    now = time.monotonic()
-    return ChatExchange(
-        request_id=generation.request_id,
-        session_id=generation.session_id,
-        user_input=generation.user_input,
-        reply=progress.reply_sent,
-        finish_reason=finish_reason,
-        usage=usage,
-        history=generation.prior_turns,
-        history_turns_used=done.history_turns if done is not None and generation.history is not None else None,
-        regenerate=generation.regenerate,
-        timings=Timings(
-            queue_wait=None if ticket.acquired_at is None else ticket.acquired_at - ticket.entered_at,
-            time_to_first_token=None if progress.first_token_at is None else progress.first_token_at - accepted_at,
-            total=now - accepted_at,
-        ),
-        error=progress.error.code if progress.error is not None else None,
-    )
+    def resume(
+        self,
+        request: Request,
+        request_id: str,
+        record: RequestRecord,
+        cursor: str,
+        *,
+        framer: Framer,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        on_reply: OnReply | None = None,
+        callback: Callback | None = None,
+    ) -> RelayResponse:
+        """The rest of a request's stream, after ``cursor`` ('' = from the start)."""
+        lifecycle = ResumedRequest(
+            self, request, request_id, record, cursor, on_reply=on_reply, callback=callback
+        )
+        return self._response(request, lifecycle, framer, True, headers)

@@ -227,8 +227,8 @@ class CompletionFramer(_OpenAIFramer):
         super().__init__(completion_id, created, model)
         self._parts: list[str] = []
 
-    def token(self, delta: str) -> bytes:
-        self._parts.append(delta)
+    def token(self, event: StreamEvent) -> bytes:
+        self._parts.append(event.text)
         return b""
 
     def done(self, event: StreamEvent) -> bytes:
@@ -288,8 +288,8 @@ class ChunkFramer(_OpenAIFramer):
         self._role_sent = True
         return self._chunk({"role": "assistant", "content": ""})
 
-    def token(self, delta: str) -> bytes:
-        return self._role() + self._chunk({"content": delta})
+    def token(self, event: StreamEvent) -> bytes:
+        return self._role() + self._chunk({"content": event.text})
 
     def done(self, event: StreamEvent) -> bytes:
         body = self._role() + self._chunk({}, _finish_reason(event.finish_reason))
@@ -307,7 +307,7 @@ class ChunkFramer(_OpenAIFramer):
             )
         return body + b"data: [DONE]\n\n"
 
-    def error(self, code: str, message: str) -> bytes | None:
+    def error(self, code: str, message: str, cursor: str = "") -> bytes | None:
         return b"data: " + openai_error_body(500, code, message) + b"\n\n"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -36,36 +37,49 @@ class EntryDecoder:
     one (later entries are ignored), and with ``coalesce`` the tokens of one batch of
     entries become one ``token`` event."""
 
-    def __init__(self, coalesce: bool) -> None:
+    def __init__(self, coalesce: bool, started: bool = False) -> None:
+        """``started``: the reading begins after the ``start`` entry (a resumed stream)."""
         self.coalesce = coalesce
-        self.started = False
+        self.started = started
         self.finished = False
 
     def decode(self, entries: list[tuple[Any, dict[Any, Any]]]) -> list[StreamEvent]:
-        """The events of one batch of entries, in stream order."""
+        """The events of one batch of entries, in stream order, each with the cursor
+        (entry id) of the last entry it includes."""
         events: list[StreamEvent] = []
         text: list[str] = []
         count = 0
-        for _entry_id, fields in entries:
+        last_token_id: Any = b""
+        for entry_id, fields in entries:
             event = StreamEvent.from_fields(fields)
             if event.type is EventType.TOKEN and self.coalesce:
                 text.append(event.text)
                 count += event.tokens
+                last_token_id = entry_id
                 continue
             if text:
-                events.append(StreamEvent(EventType.TOKEN, text="".join(text), tokens=count))
+                events.append(_tokens(text, count, last_token_id))
                 text, count = [], 0
             if event.type is EventType.HEARTBEAT:
                 continue
             if event.type is EventType.START:
                 self.started = True
-            events.append(event)
+            events.append(replace(event, cursor=_cursor(entry_id)))
             if event.is_terminal:
                 self.finished = True
                 return events
         if text:
-            events.append(StreamEvent(EventType.TOKEN, text="".join(text), tokens=count))
+            events.append(_tokens(text, count, last_token_id))
         return events
+
+
+def _cursor(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+
+def _tokens(texts: list[str], count: int, last_id: bytes | str) -> StreamEvent:
+    """One ``token`` event for coalesced entries, ending at entry ``last_id``."""
+    return StreamEvent(EventType.TOKEN, text="".join(texts), tokens=count, cursor=_cursor(last_id))
 
 
 async def read_events(redis: Redis, request_id: str, silence_limit: float) -> AsyncIterator[StreamEvent]:

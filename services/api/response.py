@@ -14,8 +14,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -51,10 +52,11 @@ class Queued:
 class StreamFailed(Exception):
     """The generation ended with an error the client must be told about."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, cursor: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.cursor = cursor  # the generator's error entry, when it is one
 
 
 @dataclass
@@ -83,14 +85,23 @@ class RelayProgress:
         self.text_pending.clear()
 
 
-#: Called once when the response is over: (message, progress) -> None.
-Finisher = Callable[[CallbackMessage, RelayProgress], Awaitable[None]]
+class Lifecycle(Protocol):
+    """What a response relays: one request's events, and what to do once it is over
+    (``services.api.lifecycle``)."""
+
+    def events(self) -> AsyncIterator[StreamEvent | Queued]:
+        """The events to send, started inside the response."""
+        ...
+
+    async def finish(self, message: CallbackMessage, progress: RelayProgress) -> None:
+        """Called once when the response is over."""
+        ...
 
 
 class RelayResponse(Response):
-    """Streams the events of ``event_source()`` to the client in ``framer``'s format.
+    """Streams the events of ``lifecycle.events()`` to the client in ``framer``'s format.
 
-    ``event_source`` is called inside the response, so the work it starts
+    ``events()`` is called inside the response, so the work it starts
     (admission, enqueueing) happens only for a client that is still there, and
     its waiting is interrupted by a disconnect. ``headers`` go out with the first
     bytes: at once for SSE, with the first token for plain text, so that an error
@@ -100,21 +111,19 @@ class RelayResponse(Response):
     def __init__(
         self,
         *,
-        event_source: Callable[[], AsyncIterator[StreamEvent | Queued]],
+        lifecycle: Lifecycle,
         framer: Framer,
         headers: list[tuple[bytes, bytes]],
         send_headers_early: bool,
-        finish: Finisher,
         deadline_seconds: float,
     ) -> None:
         super().__init__(media_type=framer.media_type)
         self._deadline_seconds = deadline_seconds
         self.accepted_at = time.monotonic()
-        self._event_source = event_source
+        self._lifecycle = lifecycle
         self._framer = framer
         self._headers = headers
         self._send_headers_early = send_headers_early
-        self._finish = finish
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         progress = RelayProgress()
@@ -138,7 +147,7 @@ class RelayResponse(Response):
         abort = False
         if message is CallbackMessage.UNKNOWN_ERROR_OCCURRED and progress.error is not None:
             abort = not await self._report_error(send, progress)
-        await self._finish(message, progress)
+        await self._lifecycle.finish(message, progress)
         if abort:
             # Plain-text formats have no in-band error: end the connection without the
             # final chunk, which clients report as an incomplete body (curl exit 18).
@@ -186,14 +195,17 @@ class RelayResponse(Response):
     async def _relay_events(self, send: Send, progress: RelayProgress) -> None:
         if self._send_headers_early:
             await self._start(send, progress)
-        async for event in self._event_source():
+            opening = self._framer.opening()
+            if opening:
+                await send({"type": "http.response.body", "body": opening, "more_body": True})
+        async for event in self._lifecycle.events():
             if isinstance(event, Queued):
                 body = self._framer.queued(event.position)
                 if body:
                     await self._start(send, progress)
                     await send({"type": "http.response.body", "body": body, "more_body": True})
             elif event.type is EventType.TOKEN:
-                body = self._framer.token(event.text)
+                body = self._framer.token(event)
                 progress.text_pending.append(event.text)
                 if body:  # a buffering framer (a non-streaming reply) sends nothing yet
                     await self._start(send, progress)
@@ -216,7 +228,9 @@ class RelayResponse(Response):
                 progress.mark_sent()
                 return
             elif event.type is EventType.ERROR:
-                raise StreamFailed(event.code or "generation_failed", event.message or "generation failed")
+                raise StreamFailed(
+                    event.code or "generation_failed", event.message or "generation failed", cursor=event.cursor
+                )
         raise StreamFailed("generator_lost", "the stream ended without a result")
 
     async def _report_error(self, send: Send, progress: RelayProgress) -> bool:
@@ -240,7 +254,7 @@ class RelayResponse(Response):
                 )
                 await send({"type": "http.response.body", "body": body, "more_body": False})
                 return True
-            body = self._framer.error(error.code, error.message)
+            body = self._framer.error(error.code, error.message, error.cursor)
             if body is None:
                 return False
             await send({"type": "http.response.body", "body": body, "more_body": False})

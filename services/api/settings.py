@@ -114,6 +114,16 @@ class ApiSettings(CommonSettings):
     request_timeout_seconds: float = Field(
         300.0, gt=0.0, description="Deadline of a whole request (queue wait + generation); past it the client gets an error and the generation stops."
     )
+    resume_grace_seconds: float = Field(
+        10.0,
+        ge=0.0,
+        description="When the client of a started /chat_stream reply leaves, the generation goes on this long for it to resume (GET /chat_stream/{request_id}, any pod); then it stops (0 = stop at once).",
+    )
+    resume_retention_seconds: float = Field(
+        60.0,
+        ge=0.0,
+        description="A finished request's events stay readable this long, for a client that lost the last ones; then its stream is deleted (0 = at once).",
+    )
     generator_silence_seconds: float = Field(
         2.5, gt=0.0, description="A started generation that writes nothing (not even a heartbeat) for this long is declared dead."
     )

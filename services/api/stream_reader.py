@@ -53,6 +53,7 @@ from services.api.relay import EntryDecoder, GeneratorLost, JobLost
 from services.common.contract import (
     DOORBELL_FIELD,
     DOORBELL_MAXLEN,
+    STREAM_START,
     StreamEvent,
     reader_wake_key,
     stream_key,
@@ -101,10 +102,10 @@ class _Subscription:
 
     __slots__ = ("key", "packed_key", "last_id", "packed_id", "batches", "waiter", "error", "rung")
 
-    def __init__(self, key: bytes, rung: bool) -> None:
+    def __init__(self, key: bytes, rung: bool, after: bytes = b"0-0") -> None:
         self.key = key
         self.packed_key = _bulk(key)
-        self.last_id: bytes = b"0-0"
+        self.last_id: bytes = after
         self.packed_id = _bulk(self.last_id)
         self.batches: list[list[tuple[Any, dict[Any, Any]]]] = []
         self.waiter: asyncio.Future[None] | None = None
@@ -388,7 +389,8 @@ class Subscription:
         ``RedisError`` in every stream it covered.
         """
         sub = self._sub
-        decoder = EntryDecoder(self._shard.coalesce)
+        # Read from a cursor, the stream has started: a cursor comes from an event after `start`.
+        decoder = EntryDecoder(self._shard.coalesce, started=sub.last_id != b"0-0")
         last_seen = time.monotonic()
         job_missing = False
         while True:
@@ -465,8 +467,8 @@ class StreamReader:
         return min(self._shards, key=lambda s: len(s.subs))
 
     @staticmethod
-    def _add(shard: _Shard, request_id: str, rung: bool) -> Subscription:
-        sub = _Subscription(stream_key(request_id).encode(), rung)
+    def _add(shard: _Shard, request_id: str, rung: bool, after: str = STREAM_START) -> Subscription:
+        sub = _Subscription(stream_key(request_id).encode(), rung, after.encode())
         shard.add(sub)
         return Subscription(shard, sub)
 
@@ -477,6 +479,12 @@ class StreamReader:
         shard = self._shard()
         await shard.ensure_doorbell()
         return self._add(shard, request_id, rung=True)
+
+    def resume(self, request_id: str, after: str = STREAM_START) -> Subscription:
+        """Read ``request_id``'s stream from the entry after cursor ``after`` (a stream
+        another process, or an earlier connection, subscribed to). Its generator rings
+        another reader's doorbell, if any: every read covers it."""
+        return self._add(self._shard(), request_id, rung=False, after=after)
 
     async def read_events(self, request_id: str, silence_limit: float) -> AsyncIterator[StreamEvent]:
         """The events of a stream whose writer does not announce its entries (no

@@ -61,6 +61,12 @@ async def stream_api_callback(request: Request):
     return response
 
 
+@app.get("/chat_stream/{request_id}")
+async def resume_api(request: Request, request_id: str):
+    # Resuming takes the same callback: whichever connection sees the end fires it, once.
+    return await chat_stream.handle_resume_request(request, request_id, callback=callback_func)
+
+
 add_openai_routes(app, OpenAICompat(chat_stream.generation), callback=callback_func)
 
 

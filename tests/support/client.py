@@ -34,17 +34,22 @@ class StreamedReply:
 
     def sse_events(self) -> list[tuple[str, dict]]:
         """Parse the body as server-sent events: [(event name, JSON data)]."""
+        return [(name, data) for name, data, _ in self.sse_events_with_ids()]
+
+    def sse_events_with_ids(self) -> list[tuple[str, dict, str]]:
+        """[(event name, JSON data, id or '')]; blocks without data (``retry:``) are skipped."""
         events = []
         for block in self.text.split("\n\n"):
-            if not block.strip():
-                continue
-            name, data = "message", ""
+            name, data, event_id = "message", "", ""
             for line in block.split("\n"):
                 if line.startswith("event: "):
                     name = line[len("event: ") :]
                 elif line.startswith("data: "):
                     data += line[len("data: ") :]
-            events.append((name, json.loads(data)))
+                elif line.startswith("id: "):
+                    event_id = line[len("id: ") :]
+            if data:
+                events.append((name, json.loads(data), event_id))
         return events
 
 
