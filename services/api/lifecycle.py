@@ -160,7 +160,8 @@ class _Lifecycle:
         metrics.REQUEST_DURATION.observe(time.monotonic() - self.accepted_at)
         if progress.error is not None:
             metrics.ERRORS.labels(code=progress.error.code).inc()
-        await self.service.readers.detach(self.request_id)
+        if self.resumable:
+            await self.service.readers.detach(self.request_id)
         left = message in (
             CallbackMessage.CLIENT_DISCONNECTED_WHILE_STREAMING,
             CallbackMessage.CLIENT_DISCONNECTED_BEFORE_STREAMING,
