@@ -50,7 +50,11 @@ class _ReplacedSubscription:
     notify_key = ""
 
     def __init__(self, events: Callable[[float], AsyncIterator[StreamEvent]]) -> None:
-        self.events = events
+        self._events = events
+
+    def events(self, silence_limit: float, job_pending: object = None) -> AsyncIterator[StreamEvent]:
+        """The replacement's events (it knows by itself when the job is gone)."""
+        return self._events(silence_limit)
 
     def close(self) -> None:
         """The replacement cleans up when its iteration ends."""
