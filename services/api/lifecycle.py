@@ -141,7 +141,10 @@ class _Lifecycle:
         """A generator started the job."""
 
     async def claim(self, message: CallbackMessage) -> bool:
-        """Claim the report of the request's end for this connection (once)."""
+        """Claim the report of the request's end for this connection (once). A request
+        nobody can resume has this one connection only: no Redis claim is needed."""
+        if not self.resumable:
+            self.claimed = True
         if not self.claimed:
             try:
                 self.claimed = await claim_outcome(
@@ -283,7 +286,7 @@ class NewRequest(_Lifecycle):
             await service.readers.attach(self.request_id)
         except RedisError:
             logger.warning("registering %s failed", self.request_id, exc_info=True)
-            raise StreamFailed("redis_unavailable", "the job queue is unreachable") from None
+            raise StreamFailed("redis_unavailable", "the request store is unreachable") from None
 
     async def wait_for_permit(self) -> AsyncIterator[int]:
         """Queue positions while waiting; returns holding the permit."""
