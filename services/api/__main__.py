@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"python -m services.api: refusing to start: {exc}\n")
     # Credentials stay out of traces even if header capture is turned on by OTEL_* variables.
     FastAPIInstrumentor.instrument_app(
-        app, excluded_urls="healthz,readyz,metrics", http_capture_headers_sanitize_fields=trace_sanitized_headers()
+        app, excluded_urls="healthz,acceptingz,readyz,metrics", http_capture_headers_sanitize_fields=trace_sanitized_headers()
     )
     # log_config=None: uvicorn's own loggers go through ours (JSON lines in production).
     server = uvicorn.Server(uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None))

@@ -20,7 +20,7 @@ from starlette.routing import Route
 from services.api.auth import ApiKeyMiddleware, ApiKeys
 from services.api.chat_stream import ChatStream
 from services.api.generation_params import GenerationParamsUpdate
-from services.api.health import liveness, readiness
+from services.api.health import accepting, liveness, readiness
 from services.api.metrics import metrics_response
 from services.api.openai_compat import OpenAICompat, add_openai_routes
 from services.api.settings import ApiSettings, Environment
@@ -85,6 +85,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        chat_stream.watch_for_shutdown()
         yield
         await chat_stream.close()
 
@@ -118,12 +119,20 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         return await liveness()
 
     async def readyz(request: Request) -> Response:
-        return await readiness(chat_stream.redis)
+        return await readiness(chat_stream.redis, chat_stream.accepting)
+
+    async def acceptingz(request: Request) -> Response:
+        return await accepting(chat_stream.accepting)
 
     async def metrics(request: Request) -> Response:
         return await metrics_response(chat_stream.redis, chat_stream.generation.admission.semaphore)
 
-    operations = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)]
+    operations = [
+        Route("/healthz", healthz),
+        Route("/acceptingz", acceptingz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+    ]
     if settings.api_internal_port:
         app.state.internal_app = Starlette(routes=operations)
     else:

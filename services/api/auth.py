@@ -35,7 +35,7 @@ from services.api.settings import ApiSettings
 logger = logging.getLogger(__name__)
 
 #: Paths that never need a key: probes, metrics, and the web page's own files.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/", "/favicon.ico"})
+PUBLIC_PATHS = frozenset({"/healthz", "/acceptingz", "/readyz", "/metrics", "/", "/favicon.ico"})
 PUBLIC_PREFIXES = ("/static/",)
 
 #: Request headers that carry credentials; OpenTelemetry redacts them if told to capture headers.

@@ -176,6 +176,7 @@ class ChatStream:
         that never existed or has expired. ``callback`` fires if this connection
         is the one that sees the request's end (exactly once per request)."""
         try:
+            self.generation.check_accepting()  # a draining pod sends its client elsewhere
             check_request_id(request_id)
             cursor = parse_cursor(request)
             offset = parse_offset(request)
@@ -259,6 +260,22 @@ class ChatStream:
         ``/chat_stream`` requests use them. Refuses other sites and non-JSON bodies
         like the chat route, and bad values with 422 naming them."""
         return await self.generation_params.set(request)
+
+    @property
+    def accepting(self) -> bool:
+        """False once this process drains (SIGTERM, or :meth:`drain`): a readiness probe
+        of the user's app should then fail."""
+        return not self.generation.drain.draining
+
+    def drain(self) -> None:
+        """Start draining as SIGTERM does (see ``services.api.drain``): for servers
+        that stop otherwise, or a preStop hook that asks first."""
+        self.generation.drain.start("asked")
+
+    def watch_for_shutdown(self) -> None:
+        """Start draining on SIGTERM (call it in the app's lifespan startup; otherwise
+        the first request does it)."""
+        self.generation.drain.install()
 
     async def get_load(self, request: Request) -> Response:
         """The cluster's permits, queue, jobs and generators (``GET /load``)."""

@@ -5,7 +5,8 @@
   chunk), which every HTTP client reports as an incomplete body.
 * SSE (``Accept: text/event-stream``): JSON events ``queued`` (position while
   waiting for a permit), ``token``, ``done`` (finish reason, usage, and the
-  history turns the prompt kept), ``error``.
+  history turns the prompt kept), ``error``; ``reconnect`` when a shutting-down
+  pod ends the stream (resume it: ``GET /chat_stream/{id}``, ``Last-Event-ID``).
 * ChatStream 0.3 (setting): each chunk is the whole reply so far followed by
   ``<::EOS::>``, for existing ChatStream web clients, with error bodies in the
   shape those clients read (see :class:`ChatStreamFramer`).
@@ -57,6 +58,12 @@ class Framer:
     def error(self, code: str, message: str, cursor: str = "") -> bytes | None:
         """Bytes that report an error in-band, or None to abort the response
         (``cursor``: the stream entry of a generator's error, '' for the API's own)."""
+        return None
+
+    def handoff(self) -> bytes | None:
+        """Bytes that end the response of a draining pod and tell the client to resume
+        elsewhere, or None when this format's clients cannot resume by themselves
+        (the response then goes on to its end)."""
         return None
 
     def headers(self, request_id: str) -> list[tuple[bytes, bytes]]:
@@ -184,3 +191,7 @@ class SseFramer(Framer):
 
     def error(self, code: str, message: str, cursor: str = "") -> bytes | None:
         return self.event("error", {"code": code, "message": message}, cursor)
+
+    def handoff(self) -> bytes | None:
+        # No id: the client's Last-Event-ID stays the last event of the reply it has.
+        return self.event("reconnect", {"reason": "shutting_down", "retry_ms": self.RETRY_MS})

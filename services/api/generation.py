@@ -20,11 +20,12 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 
 from services.api.admission import Admission, Ticket
+from services.api.drain import Drain
 from services.api.enqueue import JobQueue
 from services.api.errors import ApiError
 from services.api.exchange import History
 from services.api.framing import Framer
-from services.api.lifecycle import NewRequest, OnReply, ResumedRequest
+from services.api.lifecycle import GRACE_MARGIN_SECONDS, NewRequest, OnReply, ResumedRequest
 from services.api.outcome import Callback
 from services.api.relay import delete_stream
 from services.api.response import RelayResponse
@@ -78,10 +79,16 @@ class GenerationService:
             follow_generators=settings.admission_follows_generators,
         )
         self.readers = Readers(redis, settings.resume_grace_seconds)
+        self.drain = Drain()
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
-        """Stop background listeners and readers."""
+        """Stop background listeners and readers. A draining pod first waits out the
+        grace of the streams it handed off (it reports the end of those nobody resumed)."""
+        if self.drain.draining and self._background:
+            timeout = self.readers.grace_seconds + GRACE_MARGIN_SECONDS + 1
+            logger.info("waiting up to %.1fs for the grace of %d handed-off streams", timeout, len(self._background))
+            await asyncio.wait(list(self._background), timeout=timeout)
         for task in list(self._background):
             task.cancel()
         await self.readers.close()
@@ -90,13 +97,27 @@ class GenerationService:
 
     async def admit(self, request_id: str) -> Ticket:
         """First admission attempt, before any response starts: raises
-        :class:`ApiError` 429 when the wait queue is full, 503 when Redis is down."""
+        :class:`ApiError` 429 when the wait queue is full, 503 when Redis is down or
+        this pod is shutting down."""
+        self.check_accepting()
         try:
             return await self.admission.enter(request_id)
         except RedisError:
             # Clients get a code and a generic message; the details go to the log only.
             logger.warning("admission of %s failed", request_id, exc_info=True)
             raise ApiError(503, "redis_unavailable", "admission control is unreachable") from None
+
+    def check_accepting(self) -> None:
+        """:class:`ApiError` 503 ``shutting_down`` once this pod drains. ``Connection:
+        close`` makes a keep-alive client reconnect, through the Service, to another pod."""
+        self.drain.install()  # the first request of a user's app installs the SIGTERM hook
+        if self.drain.draining:
+            raise ApiError(
+                503,
+                "shutting_down",
+                "this API server is shutting down; retry (another one takes the request)",
+                headers={"retry-after": "1", "connection": "close"},
+            )
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run ``coro`` in the background (a grace timer), kept until it ends."""
@@ -138,12 +159,17 @@ class GenerationService:
         request.state.request_id = request_id
         request_id_var.set(request_id)
         lifecycle.span.set_attribute("chat.request_id", request_id)
+        # A draining pod hands a stream to another only if its client can resume it there
+        # while the generation goes on (the grace).
+        hand_off = lifecycle.resumable and self.readers.grace_seconds > 0
         response = RelayResponse(
             lifecycle=lifecycle,
             framer=framer,
             headers=[(REQUEST_ID_HEADER.encode(), request_id.encode()), *(headers or [])],
             send_headers_early=send_headers_early,
             deadline_seconds=self.settings.request_timeout_seconds,
+            send_timeout_seconds=self.settings.send_timeout_seconds,
+            drain=self.drain if hand_off else None,
         )
         lifecycle.accepted_at = response.accepted_at
         return response

@@ -18,8 +18,20 @@ async def liveness() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-async def readiness(redis: Redis) -> JSONResponse:
-    """Ready when Redis answers and at least one generator is registered and alive."""
+async def accepting(accepting: bool) -> JSONResponse:
+    """The pod's readiness probe: 503 from the moment it drains (SIGTERM), so that it
+    leaves the Service at once. It deliberately ignores Redis and the generators (see
+    the chart's values.yaml)."""
+    if not accepting:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+async def readiness(redis: Redis, accepting: bool = True) -> JSONResponse:
+    """Ready when this pod is not draining, Redis answers and at least one generator is
+    registered and alive."""
+    if not accepting:
+        return JSONResponse({"status": "draining"}, status_code=503)
     try:
         await redis.ping()
         generators = await count_live_generators(redis)

@@ -87,6 +87,7 @@ class _Lifecycle:
         self.parent = otel_context.get_current()
         self.relay_span: trace.Span | None = None
         self.started = False  # a generator took the job (seen on this connection or before it)
+        self.ending = False  # this connection saw the generation's end (done or error)
         self.claimed = False  # this connection reports the request's end
         self.resumable = False  # a client may come back for it (GET /chat_stream/{id})
         self.progress_error_code: str | None = None
@@ -116,6 +117,7 @@ class _Lifecycle:
                         span.add_event("first_token")
                     parts.append(event.text)
                 elif event.type is EventType.DONE:
+                    self.ending = True
                     span.set_attribute("chat.finish_reason", event.finish_reason)
                     span.set_attribute("gen_ai.usage.input_tokens", event.prompt_tokens)
                     span.set_attribute("gen_ai.usage.output_tokens", event.completion_tokens)
@@ -124,6 +126,8 @@ class _Lifecycle:
                     # claims the end, so a resumed request is recorded once.
                     if await self.claim(CallbackMessage.SUCCESS) and self.on_reply is not None:
                         await self.on_reply("".join(parts))
+                elif event.type is EventType.ERROR:
+                    self.ending = True
                 yield event
         except GeneratorLost as exc:
             raise StreamFailed("generator_lost", f"the generator stopped responding: {exc}") from None
@@ -139,6 +143,12 @@ class _Lifecycle:
 
     def on_start(self, event: StreamEvent) -> None:
         """A generator started the job."""
+
+    @property
+    def can_hand_off(self) -> bool:
+        """A generator runs the request and its end was not seen: its client can
+        resume it on another pod (and nothing this connection does is half done)."""
+        return self.started and self.resumable and not self.ending
 
     async def claim(self, message: CallbackMessage) -> bool:
         """Claim the report of the request's end for this connection (once). A request
@@ -172,7 +182,12 @@ class _Lifecycle:
         if left and self.started and self.resumable and self.service.readers.grace_seconds > 0:
             # The generation goes on; whoever reads on reports the end. If nobody
             # comes back within the grace, this connection does.
-            self.service.spawn(self._after_grace(message, progress))
+            if self.service.drain.draining:
+                # Inside the response: the server waits for it before the process exits,
+                # in a user's app without a lifespan too.
+                await self._after_grace(message, progress)
+            else:
+                self.service.spawn(self._after_grace(message, progress))
             return
         await self.end(message, progress)
 

@@ -60,6 +60,16 @@ ERRORS = Counter(
 TOKENS_RELAYED = Counter(
     "chatstream_tokens_relayed_total", "Token chunks relayed to clients.", registry=REGISTRY
 )
+STREAMS_HANDED_OFF = Counter(
+    "chatstream_streams_handed_off_total",
+    "SSE streams a draining (SIGTERM) pod ended with a reconnect event, for their clients to resume elsewhere.",
+    registry=REGISTRY,
+)
+SEND_TIMEOUTS = Counter(
+    "chatstream_send_timeouts_total",
+    "Connections ended because the client took nothing for SEND_TIMEOUT_SECONDS.",
+    registry=REGISTRY,
+)
 PERMITS_IN_USE = Gauge(
     "chatstream_permits_in_use", "Generation permits held, cluster-wide (read from Redis).", registry=REGISTRY
 )

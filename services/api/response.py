@@ -6,6 +6,13 @@ request's outcome, so a client that leaves while its job is still queued is
 noticed at once, not at the next write. Then, exactly once: stop the
 generation if it is still running, clean up Redis, record the exchange in the
 session, and fire the user's callback.
+
+Two more things end a connection early, both leaving a resumable reply to its
+grace (the client may come back for the rest, on any pod): a client that takes
+nothing for ``SEND_TIMEOUT_SECONDS`` while bytes wait for it (uvicorn's ``send``
+waits while the socket's buffers are full, so that is the most the API ever
+holds for it), and a pod that drains (``services.api.drain``), which ends the
+stream at an event boundary with the framer's ``handoff`` event.
 """
 
 from __future__ import annotations
@@ -19,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from services.api import metrics
+from services.api.drain import Drain
 from services.api.framing import Framer
 from services.api.outcome import CallbackMessage
 from services.common.contract import EventType, StreamEvent
@@ -40,6 +48,15 @@ _STATUS_FOR_CODE = {
     "request_timeout": 504,
     "generation_failed": 500,
 }
+
+
+#: How often a draining pod looks whether a queued stream's generation started (it is
+#: handed off only then: a request still waiting for a permit would be withdrawn).
+HANDOFF_POLL_SECONDS = 0.05
+
+
+class SendTimeout(OSError):
+    """The client took nothing for the send timeout: counted as gone."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,12 @@ class Lifecycle(Protocol):
         """Called once when the response is over."""
         ...
 
+    @property
+    def can_hand_off(self) -> bool:
+        """Whether its client may now resume elsewhere while the generation goes on:
+        a generator started it and its end has not been seen yet."""
+        ...
+
 
 class RelayResponse(Response):
     """Streams the events of ``lifecycle.events()`` to the client in ``framer``'s format.
@@ -116,9 +139,13 @@ class RelayResponse(Response):
         headers: list[tuple[bytes, bytes]],
         send_headers_early: bool,
         deadline_seconds: float,
+        send_timeout_seconds: float,
+        drain: Drain | None = None,
     ) -> None:
         super().__init__(media_type=framer.media_type)
         self._deadline_seconds = deadline_seconds
+        self._send_timeout = send_timeout_seconds
+        self._drain = drain if framer.handoff() is not None else None
         self.accepted_at = time.monotonic()
         self._lifecycle = lifecycle
         self._framer = framer
@@ -127,24 +154,37 @@ class RelayResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         progress = RelayProgress()
+        send = self._timed(send)
         relay = asyncio.create_task(self._relay(send, progress))
-        disconnect = asyncio.create_task(_wait_for_disconnect(receive))
+        watchers = [asyncio.create_task(_wait_for_disconnect(receive))]
+        if self._drain is not None:
+            watchers.append(asyncio.create_task(self._wait_for_handoff()))
         try:
-            await asyncio.wait({relay, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({relay, *watchers}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             relay.cancel()
-            disconnect.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             raise
         finally:
             if not relay.done():
                 relay.cancel()
-            disconnect.cancel()
+            for watcher in watchers:
+                watcher.cancel()
             with contextlib.suppress(BaseException):
                 await relay
-            with contextlib.suppress(BaseException):
-                await disconnect
+            for watcher in watchers:
+                with contextlib.suppress(BaseException):
+                    await watcher
+        handed_off = len(watchers) > 1 and not watchers[1].cancelled() and relay.cancelled()
+        if handed_off:
+            await self._hand_off(send)
         message = self._outcome(relay, progress)
-        abort = False
+        exc = None if relay.cancelled() else relay.exception()
+        abort = isinstance(exc, SendTimeout)
+        if abort:
+            metrics.SEND_TIMEOUTS.inc()
+            logger.info("the client took nothing for %gs; disconnecting it", self._send_timeout)
         if message is CallbackMessage.UNKNOWN_ERROR_OCCURRED and progress.error is not None:
             abort = not await self._report_error(send, progress)
         await self._lifecycle.finish(message, progress)
@@ -152,6 +192,35 @@ class RelayResponse(Response):
             # Plain-text formats have no in-band error: end the connection without the
             # final chunk, which clients report as an incomplete body (curl exit 18).
             raise ResponseAborted(progress.error.message if progress.error else "aborted")
+
+    def _timed(self, send: Send) -> Send:
+        """``send`` that gives up (:class:`SendTimeout`) when the client takes nothing."""
+        timeout = self._send_timeout
+
+        async def timed_send(message: Message) -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await send(message)
+            except TimeoutError:
+                raise SendTimeout(f"the client took nothing for {timeout:g}s") from None
+
+        return timed_send
+
+    async def _wait_for_handoff(self) -> None:
+        """Returns when this pod drains and the stream can move to another pod."""
+        assert self._drain is not None
+        await self._drain.wait()
+        while not self._lifecycle.can_hand_off:
+            await asyncio.sleep(HANDOFF_POLL_SECONDS)
+
+    async def _hand_off(self, send: Send) -> None:
+        """End the stream with the framer's ``handoff`` event: its client resumes on
+        another pod after the last event it got."""
+        metrics.STREAMS_HANDED_OFF.inc()
+        try:
+            await send({"type": "http.response.body", "body": self._framer.handoff() or b"", "more_body": False})
+        except OSError:
+            pass  # the client is gone already; it resumes (or not) all the same
 
     @staticmethod
     def _outcome(relay: asyncio.Task[None], progress: RelayProgress) -> CallbackMessage:

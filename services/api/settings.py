@@ -124,6 +124,11 @@ class ApiSettings(CommonSettings):
         ge=0.0,
         description="A finished request's events stay readable this long, for a client that lost the last ones; then its stream is deleted (0 = at once).",
     )
+    send_timeout_seconds: float = Field(
+        30.0,
+        gt=0.0,
+        description="A client that reads nothing for this long while the server has bytes for it is disconnected (a resumable reply then goes on for RESUME_GRACE_SECONDS), so stalled readers cannot make the API buffer without bound.",
+    )
     generator_silence_seconds: float = Field(
         2.5, gt=0.0, description="A started generation that writes nothing (not even a heartbeat) for this long is declared dead."
     )
