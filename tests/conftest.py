@@ -106,6 +106,12 @@ def synthetic_generator_env(tokens_per_second: float = 50, **extra: str) -> dict
     return {"GENERATOR_BACKEND": "synthetic", "SYNTHETIC_TOKENS_PER_SECOND": str(tokens_per_second), **extra}
 
 
+def synthetic_reply(text: str, tokens: int) -> str:
+    """The synthetic backend's reply to ``text``: its words, repeated to ``tokens`` words."""
+    words = text.split()
+    return " ".join(words[i % len(words)] for i in range(tokens))
+
+
 @pytest.fixture
 def private_stack(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Stack]:
     """Like ``stack``, but on a Redis of its own that the test may stop and restart."""

@@ -6,8 +6,11 @@ A missing chromium fails these tests (``make setup`` installs it); it never skip
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import synthetic_generator_env
-from tests.support.processes import REPO
+from services.common.contract import session_key
+from tests.conftest import synthetic_generator_env, synthetic_reply
+from tests.support.processes import REPO, ApiServer
+from tests.support.tcp_proxy import TcpProxy
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -74,6 +79,12 @@ def last_reply(page) -> str:
 
 def wait_done(page, timeout_ms: int = 60_000) -> None:
     page.wait_for_selector("#status:text-matches('^Done')", timeout=timeout_ms)
+
+
+def tokens_relayed(api: ApiServer) -> float:
+    """The pod's ``chatstream_tokens_relayed_total``: tells which pod relays a stream."""
+    metrics = httpx.get(api.base_url + "/metrics", timeout=5).text
+    return float(re.search(r"^chatstream_tokens_relayed_total (\S+)$", metrics, re.MULTILINE).group(1))
 
 
 def test_page_streams_a_reply_then_regenerates_and_clears(stack, default_model, page, tmp_path):
@@ -240,3 +251,56 @@ def test_page_load_badge_shows_no_generator_then_ready_then_busy(stack, page):
         leave.set()
         busy.join(30)
     page.wait_for_selector("#load[data-state='idle']", timeout=8_000)
+
+
+def kill_the_pod_relaying_the_reply(page, pods: list[ApiServer]) -> ApiServer:
+    """Once the page shows 10 words of its reply, SIGKILL the pod that relays it (the page's
+    connection drops with it); returns the other one."""
+    page.wait_for_function("() => document.querySelector('.msg.assistant .text').textContent.split(' ').length >= 10")
+    [doomed] = [pod for pod in pods if tokens_relayed(pod) > 0]
+    doomed.stop(signal.SIGKILL)
+    [survivor] = [pod for pod in pods if pod is not doomed]
+    return survivor
+
+
+@pytest.mark.parametrize("api_key", ["", "sk-resume-5e0b71"], ids=["cookie", "api_key"])
+def test_page_resumes_the_reply_on_another_pod_when_its_pod_is_killed(stack, page, api_key):
+    tokens, text = 100, "alpha beta gamma delta epsilon"
+    stack.generator(synthetic_generator_env(tokens_per_second=25, MAX_NEW_TOKENS=str(tokens)))
+    # RESUME_GRACE_SECONDS (10 s by default) keeps the generation going while the page reconnects.
+    env = {"API_KEYS": api_key} if api_key else {}
+    pods = [stack.api(env), stack.api(env)]
+    with TcpProxy([("127.0.0.1", pod.port) for pod in pods]) as proxy:
+        page.goto(proxy.url + "/")
+        send(page, text)
+        if api_key:  # a keyed request resumes with the same key only
+            page.wait_for_selector("#key-panel:not([hidden])", timeout=5_000)
+            page.fill("#api-key", api_key)
+            page.click("#save-key")
+        survivor = kill_the_pod_relaying_the_reply(page, pods)
+        shown_when_killed = last_reply(page)
+        page.wait_for_selector("#status:text-matches('^Reconnecting')", timeout=5_000)
+        wait_done(page, timeout_ms=15_000)
+    reply = last_reply(page)
+    assert len(shown_when_killed.split()) < tokens, "the pod died mid-reply"
+    assert tokens_relayed(survivor) > 0, "the rest came through the other pod"
+    assert reply == synthetic_reply(text, tokens), "the whole reply, each word once"
+    [session] = stack.redis.keys(session_key("*"))
+    assert json.loads(stack.redis.lindex(session, 0))["assistant"] == reply, "as the server recorded it"
+    assert page.is_enabled("#regenerate")
+
+
+def test_page_says_so_when_the_reply_it_resumes_is_gone(stack, page):
+    stack.generator(synthetic_generator_env(tokens_per_second=25, MAX_NEW_TOKENS="50"))
+    # Each pod signs sessions with its own secret, so the survivor does not know the page's
+    # session: the reply is not the page's there (404), as after RESUME_RETENTION_SECONDS.
+    pods = [stack.api({"SESSION_SECRET": f"pod-{i}-session-secret-8d2f"}) for i in range(2)]
+    with TcpProxy([("127.0.0.1", pod.port) for pod in pods]) as proxy:
+        page.goto(proxy.url + "/")
+        send(page, "gone soon")
+        kill_the_pod_relaying_the_reply(page, pods)
+        error = page.wait_for_selector(".msg.assistant .error", timeout=5_000)
+    assert error.inner_text() == "The connection was lost, and the server no longer has this reply."
+    assert last_reply(page).startswith("gone soon gone soon gone soon gone soon gone soon"), "the text shown stays"
+    assert page.locator("#status.error").inner_text() == "The reply failed"
+    assert page.is_disabled("#regenerate") and page.is_enabled("#send")

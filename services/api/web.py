@@ -1,8 +1,10 @@
 """The browser chat page: static files served at ``/`` (no build step).
 
 The page talks to ``/chat_stream`` with ``Accept: text/event-stream`` and to
-``/clear_context``, so it shares their session cookie and admission queue. When
-the API needs a key, the page asks for it and sends it as a bearer token.
+``/clear_context``, so it shares their session cookie and admission queue. A reply
+whose connection drops is resumed with ``GET /chat_stream/{request_id}`` after the
+last event shown (``Last-Event-ID``), on whichever pod answers. When the API needs a
+key, the page asks for it and sends it as a bearer token, on resumption too.
 """
 
 from __future__ import annotations

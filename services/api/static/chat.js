@@ -1,5 +1,8 @@
 // The chat page: streams replies from /chat_stream as server-sent events.
-// Events: queued {position}, token {text}, done {finish_reason, usage}, error {code, message}.
+// Events: queued {position}, token {text}, done {finish_reason, usage}, error {code, message};
+// others are ignored. A reply whose connection drops before done or error is resumed right
+// after the last event shown (GET /chat_stream/{X-Request-ID} with Last-Event-ID), on
+// whichever pod answers, every `retry:` milliseconds until RESUME_GIVE_UP_MS pass without success.
 // The conversation lives on the server, keyed by the HttpOnly `sid` cookie that fetch sends;
 // so do its generation settings (GET/POST /generation_params, the Settings panel).
 // The header's load badge polls GET /load every few seconds while the page is visible.
@@ -9,6 +12,8 @@
   const KEY_STORAGE = "chatstream.apiKey"; // per tab; gone when the tab closes
   const SETTINGS = ["temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens"];
   const LOAD_POLL_MS = 5000; // gentle: every open page polls
+  const RESUME_RETRY_MS = 1000; // between reconnection attempts, until the server's `retry:` says otherwise
+  const RESUME_GIVE_UP_MS = 30000; // of reconnecting without getting an event
   const $ = (id) => document.getElementById(id);
   const ui = {
     messages: $("messages"), empty: $("empty"), status: $("status"), composer: $("composer"),
@@ -79,13 +84,37 @@
     }
   }
 
-  // Yields {name, data} for each server-sent event of a fetch() response body.
-  async function* sseEvents(response) {
+  // Resolves after `ms`, or rejects with the abort's AbortError when `signal` aborts first.
+  function sleep(ms, signal) {
+    return new Promise((resolve, reject) => {
+      const abort = () => {
+        clearTimeout(timer);
+        reject(signal.reason);
+      };
+      const timer = setTimeout(() => {
+        signal.removeEventListener("abort", abort);
+        resolve();
+      }, ms);
+      signal.addEventListener("abort", abort, { once: true });
+    });
+  }
+
+  // Yields {name, data, id} for each server-sent event of a fetch() response body (id: the
+  // event's `id:`, or null); a `retry:` field is passed to onRetry. Ends when the body ends
+  // or its connection drops, alike (an event cut off is not yielded).
+  async function* sseEvents(response, onRetry) {
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "";
     for (;;) {
-      const { value, done } = await reader.read();
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (error) {
+        if (error instanceof TypeError) return; // fetch's "network error"
+        throw error; // an abort
+      }
+      const { value, done } = chunk;
       if (done) return;
       buffer += decoder.decode(value, { stream: true });
       let end;
@@ -94,11 +123,17 @@
         buffer = buffer.slice(end + 2);
         let name = "message";
         let data = "";
+        let id = null;
         for (const line of block.split("\n")) {
           if (line.startsWith("event:")) name = line.slice(6).trim();
           else if (line.startsWith("data:")) data += line.slice(5).trim();
+          else if (line.startsWith("id:")) id = line.slice(3).trim();
+          else if (line.startsWith("retry:")) {
+            const ms = Number(line.slice(6).trim());
+            if (Number.isInteger(ms) && ms >= 0) onRetry(ms);
+          }
         }
-        if (data) yield { name, data: JSON.parse(data) };
+        if (data) yield { name, data: JSON.parse(data), id };
       }
     }
   }
@@ -108,6 +143,108 @@
     ui.keyPanel.hidden = false;
     ui.key.focus();
     setStatus(message, true);
+  }
+
+  // One assistant reply in flight: shows its events in its bubble and keeps the cursor of
+  // the last one, so that a dropped connection resumes right after it, text shown once.
+  class Reply {
+    constructor(bubble, requestId, signal) {
+      this.bubble = bubble;
+      this.text = bubble.querySelector(".text");
+      this.requestId = requestId;
+      this.signal = signal; // the Stop button's: aborts reading, waiting and reconnecting
+      this.lastId = "";
+      this.retryMs = RESUME_RETRY_MS;
+      this.generating = false; // a token arrived on this connection
+      this.ended = false; // done or error arrived
+      this.succeeded = false;
+    }
+
+    // Shows `response`, resuming as often as its connections drop, until the reply ends.
+    async follow(response) {
+      let failingSince = Date.now();
+      for (;;) {
+        if (await this.read(response)) failingSince = Date.now();
+        if (this.ended) return;
+        if (!this.requestId) {
+          showError(this.bubble, "The connection closed before the reply was complete.");
+          return;
+        }
+        response = await this.reconnect(failingSince);
+        if (!response) return;
+      }
+    }
+
+    // Shows the events of one response until it ends or its connection drops (the caller
+    // then resumes); returns whether it showed any.
+    async read(response) {
+      let shown = false;
+      this.generating = false;
+      for await (const event of sseEvents(response, (ms) => (this.retryMs = ms))) {
+        if (event.id) this.lastId = event.id;
+        if (this.show(event)) shown = true;
+      }
+      return shown;
+    }
+
+    // Shows one event; false for an event this page does not know (e.g. a `reconnect`
+    // hint: the stream ends after it, and the page resumes anyway).
+    show(event) {
+      if (event.name === "queued") {
+        setStatus(`Waiting in queue: position ${event.data.position}`);
+      } else if (event.name === "token") {
+        if (!this.generating) setStatus("Generating…");
+        this.generating = true;
+        this.text.textContent += event.data.text;
+        this.bubble.scrollIntoView({ block: "end" });
+      } else if (event.name === "done") {
+        this.ended = this.succeeded = true;
+        const usage = event.data.usage;
+        setStatus(`Done: ${usage.completion_tokens} tokens (${event.data.finish_reason})`);
+      } else if (event.name === "error") {
+        this.ended = true;
+        showError(this.bubble, `${event.data.message} [${event.data.code}]`);
+      } else {
+        return false;
+      }
+      return true;
+    }
+
+    // The rest of the reply, after the last event shown, from any pod: waits `retry:`
+    // between attempts while the server is unreachable. Null (the error shown) when the
+    // reply is gone or RESUME_GIVE_UP_MS passed since `failingSince` without success.
+    async reconnect(failingSince) {
+      const resumeHeaders = { Accept: "text/event-stream" };
+      if (this.lastId) resumeHeaders["Last-Event-ID"] = this.lastId;
+      for (let attempt = 1; Date.now() - failingSince < RESUME_GIVE_UP_MS; attempt++) {
+        setStatus(attempt === 1 ? "Reconnecting…" : `Reconnecting… (attempt ${attempt})`);
+        await sleep(this.retryMs, this.signal);
+        let response;
+        try {
+          response = await fetch(`/chat_stream/${encodeURIComponent(this.requestId)}`, {
+            headers: headers(resumeHeaders),
+            credentials: "same-origin",
+            signal: this.signal,
+          });
+        } catch (error) {
+          if (error instanceof TypeError) continue; // fetch's "network error": unreachable for now
+          throw error; // an abort
+        }
+        if (response.ok) return response;
+        if (response.status === 404) {
+          showError(this.bubble, "The connection was lost, and the server no longer has this reply.");
+          return null;
+        }
+        if (response.status < 500) {
+          showError(this.bubble, `The connection was lost and could not be resumed: ${await errorText(response)}`);
+          return null;
+        }
+        response.body?.cancel(); // a pod or Redis restarting: try again
+      }
+      const seconds = RESUME_GIVE_UP_MS / 1000;
+      showError(this.bubble, `The connection was lost and could not be resumed within ${seconds} s; try again later.`);
+      return null;
+    }
   }
 
   async function generate(payload, bubble) {
@@ -134,25 +271,9 @@
         showError(bubble, await errorText(response));
         return;
       }
-      const text = bubble.querySelector(".text");
-      let ended = false;
-      for await (const event of sseEvents(response)) {
-        if (event.name === "queued") {
-          setStatus(`Waiting in queue: position ${event.data.position}`);
-        } else if (event.name === "token") {
-          if (!text.textContent) setStatus("Generating…");
-          text.textContent += event.data.text;
-          bubble.scrollIntoView({ block: "end" });
-        } else if (event.name === "done") {
-          ended = succeeded = true;
-          const usage = event.data.usage;
-          setStatus(`Done: ${usage.completion_tokens} tokens (${event.data.finish_reason})`);
-        } else if (event.name === "error") {
-          ended = true;
-          showError(bubble, `${event.data.message} [${event.data.code}]`);
-        }
-      }
-      if (!ended) showError(bubble, "The connection closed before the reply was complete.");
+      const reply = new Reply(bubble, response.headers.get("X-Request-ID") || "", controller.signal);
+      await reply.follow(response);
+      succeeded = reply.succeeded;
     } catch (error) {
       if (error.name === "AbortError") setStatus("Stopped.");
       else showError(bubble, `Could not reach the server: ${error.message}`);
