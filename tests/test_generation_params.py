@@ -57,6 +57,9 @@ async def test_each_setting_is_checked_and_a_refusal_names_the_field(stack):
         ({"repetition_penalty": 0}, "repetition_penalty: must be greater than 0"),
         ({"max_new_tokens": 0}, "max_new_tokens: must be at least 1"),
         ({"max_new_tokens": "many"}, "max_new_tokens: must be an integer"),
+        ({"seed": -1}, "seed: must be between 0 and 9223372036854775807"),
+        ({"seed": 2**63}, "seed: must be between 0 and 9223372036854775807"),
+        ({"seed": 1.5}, "seed: must be an integer"),
         ({"temprature": 0.5}, "temprature: unknown field; the fields are max_new_tokens, temperature, top_p"),
     ]
     async with httpx.AsyncClient(base_url=api.base_url, timeout=10) as client:
@@ -118,12 +121,14 @@ async def test_defaults_and_limits_come_from_the_live_generators(stack):
         assert state["generators"] == 2
         # The two disagree on the temperature (a rolling change): which one serves decides.
         assert state["defaults"] == {
-            "max_new_tokens": 5, "temperature": None, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3
+            "max_new_tokens": 5, "temperature": None, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3,
+            "seed": None,  # generators sample unseeded unless asked
         }
         assert state["session"] == {} and state["effective"] == state["defaults"]
         assert state["limits"]["max_new_tokens"] == {"type": "integer", "minimum": 1, "maximum": 32}
         assert state["limits"]["temperature"] == {"type": "number", "minimum": 0, "maximum": 2}
         assert state["limits"]["top_p"] == {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+        assert state["limits"]["seed"] == {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
 
         # Both generators must honour a value: the smaller limit counts.
         above = await client.post("/generation_params", json={"max_new_tokens": 33})
@@ -134,7 +139,8 @@ async def test_defaults_and_limits_come_from_the_live_generators(stack):
         at = await client.post("/generation_params", json={"max_new_tokens": 32, "temperature": 0.1})
         assert at.status_code == 200, at.text
         assert at.json()["effective"] == {
-            "max_new_tokens": 32, "temperature": 0.1, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3
+            "max_new_tokens": 32, "temperature": 0.1, "top_p": 0.8, "top_k": 7, "repetition_penalty": 1.3,
+            "seed": None,
         }
 
 
@@ -182,7 +188,9 @@ async def test_chat_stream_generates_with_the_sessions_settings(stack):
 
 async def test_the_queued_job_carries_the_sessions_settings(stack):
     api = stack.api()  # no generator: the job stays queued, to be read
-    settings = {"temperature": 0.35, "top_p": 0.5, "top_k": 4, "repetition_penalty": 1.2, "max_new_tokens": 7}
+    settings = {
+        "temperature": 0.35, "top_p": 0.5, "top_k": 4, "repetition_penalty": 1.2, "max_new_tokens": 7, "seed": 2**63 - 1
+    }
     async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
         assert (await client.post("/generation_params", json=settings)).status_code == 200
         request = asyncio.create_task(client.post("/chat_stream", json={"user_input": "hi"}))
@@ -199,7 +207,7 @@ async def test_without_a_live_generator_defaults_are_unknown_and_only_fixed_rang
     async with httpx.AsyncClient(base_url=api.base_url, timeout=10) as client:
         state = (await client.get("/generation_params")).json()
         assert state["generators"] == 0
-        assert state["defaults"] == dict.fromkeys(state["defaults"], None) and len(state["defaults"]) == 5
+        assert state["defaults"] == dict.fromkeys(state["defaults"], None) and len(state["defaults"]) == 6
         assert state["limits"]["max_new_tokens"] == {"type": "integer", "minimum": 1}
         assert (await client.post("/generation_params", json={"temperature": 3})).status_code == 422
         big = await client.post("/generation_params", json={"max_new_tokens": 100_000})

@@ -1,8 +1,8 @@
 """Per-session generation settings: ``GET``/``POST /generation_params`` (ChatStream's
 get_generation_params / set_generation_params), applied to the session's ``/chat_stream``.
 
-A session may set ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty`` and
-``max_new_tokens``; what it leaves unset, each request leaves to the generator that
+A session may set ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
+``max_new_tokens`` and ``seed``; what it leaves unset, each request leaves to the generator that
 runs it, which applies its own default. The values live in the session's Redis
 (``session_params_key``), beside its history and with its TTL.
 
@@ -39,6 +39,7 @@ from services.common.contract import (
     MaxNewTokens,
     RepetitionPenalty,
     SamplingParams,
+    Seed,
     Temperature,
     TopK,
     TopP,
@@ -62,6 +63,9 @@ class GenerationParamsUpdate(BaseModel):
     top_p: TopP | None = Field(None, description="Nucleus sampling mass.")
     top_k: TopK | None = Field(None, description="Sample among the k most likely tokens (0 = off).")
     repetition_penalty: RepetitionPenalty | None = Field(None, description="Penalty on repeated tokens (1 = off).")
+    seed: Seed | None = Field(
+        None, description="Seeds sampling: the same request gets the same reply (same model); null = unseeded."
+    )
 
 
 #: The settings a session can make, in the order clients show them.
@@ -140,7 +144,8 @@ class GeneratorLimits:
         infos = [g.info for g in generators if g.info is not None]
         defaults: dict[str, Any] = {}
         for name in FIELDS:
-            values = {getattr(info.defaults, name) for info in infos}
+            # A generator has no default for some (a seed): None, as for an unknown one.
+            values = {getattr(info.defaults, name, None) for info in infos}
             defaults[name] = values.pop() if len(values) == 1 else None
         limit = min((info.max_new_tokens_limit for info in infos), default=None)
         return cls(len(generators), defaults, limit)

@@ -137,6 +137,7 @@ Temperature = Annotated[float, Ge(0), Le(2)]  # OpenAI's range
 TopP = Annotated[float, Gt(0), Le(1)]
 TopK = Annotated[int, Ge(0)]  # 0 = off
 RepetitionPenalty = Annotated[float, Gt(0)]  # 1 = off
+Seed = Annotated[int, Ge(0), Le(2**63 - 1)]  # what torch.Generator.manual_seed takes, and JSON numbers keep
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class SamplingParams:
     stop: StopStrings = field(default_factory=list)
     #: Seeds this request's sampling, so the same request gives the same reply (on the
     #: same generator, model and batch composition); ``None``: unseeded.
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 @dataclass(frozen=True)
