@@ -43,9 +43,11 @@ logger = logging.getLogger(__name__)
 # (ms), then the job ids. Returns job id, score, ... of the jobs claimed.
 _CLAIM_JOBS = """
 local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[3])
 local claimed = {}
 for i = 2, #KEYS do
-  local job_id = ARGV[i + 1]
+  if #claimed >= 2 * limit then break end
+  local job_id = ARGV[i + 2]
   if redis.call('EXISTS', KEYS[i]) == 0 then
     local score = redis.call('ZSCORE', KEYS[1], job_id)
     if score and tonumber(score) <= now then
@@ -117,14 +119,20 @@ class WakeableWorker(Worker):
         a job is claimed by setting its in-progress key, only if no worker holds
         that key and the job is still queued and due.
         """
-        ids = [job_id.decode() for job_id in job_ids[: max(0, self.max_jobs - self.job_counter)]]
-        if not ids:
+        free = self.max_jobs - self.job_counter
+        # The queue lists running jobs too (arq removes a job when it ends), oldest
+        # first: offer every waiting one, and let the script stop at the free slots.
+        # (Cutting the list to the free slots first offered only the running jobs,
+        # and a busy pod took no new job until one ended.)
+        ids = [job_id.decode() for job_id in job_ids]
+        ids = [job_id for job_id in ids if job_id not in self.tasks]
+        if free <= 0 or not ids:
             return
         if self._claim is None:
             self._claim = self.pool.register_script(_CLAIM_JOBS)
         claimed = await self._claim(
             keys=[self.queue_name, *(in_progress_key_prefix + job_id for job_id in ids)],
-            args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), *ids],
+            args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), free, *ids],
         )
         for job_id, score in zip(claimed[::2], claimed[1::2]):
             job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
