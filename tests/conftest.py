@@ -57,9 +57,9 @@ class Stack:
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {"REDIS_URL": self.redis_server.url, "LOG_LEVEL": "INFO", "LOG_FORMAT": "text", "OTEL_TRACES_EXPORTER": "none", **(extra or {})}
 
-    def api(self, env: dict[str, str] | None = None, app: str | None = None) -> ApiServer:
+    def api(self, env: dict[str, str] | None = None, app: str | None = None, port: int | None = None) -> ApiServer:
         """Start an API process (``python -m services.api``, or a user's app via uvicorn)."""
-        server = ApiServer(f"{self.name}-api{len(self.services)}", self.env(env), self.workdir, app=app)
+        server = ApiServer(f"{self.name}-api{len(self.services)}", self.env(env), self.workdir, app=app, port=port)
         self.services.append(server)
         return server
 

@@ -56,6 +56,8 @@ tracer = trace.get_tracer("services.api")
 
 #: How long after the grace a connection whose client left checks for readers.
 GRACE_MARGIN_SECONDS = 0.1
+#: How often, meanwhile, it looks whether a client came back.
+REATTACH_POLL_SECONDS = 0.5
 
 #: Called with the whole reply once generation succeeded, before the client sees
 #: the end of the response (e.g. to record the turn in the session).
@@ -192,12 +194,20 @@ class _Lifecycle:
         await self.end(message, progress)
 
     async def _after_grace(self, message: CallbackMessage, progress: RelayProgress) -> None:
-        # Just past the readers key's expiry (set to the grace when this client left),
-        # so that a key still there means someone re-attached.
-        await asyncio.sleep(self.service.readers.grace_seconds + GRACE_MARGIN_SECONDS)
+        readers = self.service.readers
+        left_at = time.monotonic()
+        deadline = left_at + readers.grace_seconds + GRACE_MARGIN_SECONDS
         try:
-            if await self.service.readers.anyone_reading(self.request_id):
-                return  # a client came back: its connection reports the end
+            # A client that comes back is seen within a poll, so that a draining pod,
+            # which waits for this, exits as soon as its clients resumed elsewhere.
+            while (remaining := deadline - time.monotonic()) > 0:
+                await asyncio.sleep(min(REATTACH_POLL_SECONDS, remaining))
+                if remaining > REATTACH_POLL_SECONDS and await readers.reattached(self.request_id, left_at):
+                    return  # its connection reports the end
+            # Just past the readers key's expiry (set to the grace when this client
+            # left): a key still there means someone re-attached.
+            if await readers.anyone_reading(self.request_id):
+                return
         except RedisError:
             logger.warning("checking the readers of %s failed", self.request_id, exc_info=True)
         await self.end(message, progress)

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -38,6 +39,10 @@ READERS_REFRESH_SECONDS = 0.5
 #: How long a readers key outlives its last refresh, on top of the grace: two
 #: missed refreshes. A killed pod's generations stop this long after the grace.
 READERS_TTL_MARGIN_SECONDS = 2 * READERS_REFRESH_SECONDS
+
+#: Above the grace that leaving left, by more than clocks and round trips drift: the
+#: readers key was pushed forward by an attach (which adds READERS_TTL_MARGIN_SECONDS).
+REATTACH_TOLERANCE_MS = 500
 
 _CURSOR = re.compile(CURSOR_PATTERN)
 _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -154,6 +159,13 @@ class Readers:
     async def anyone_reading(self, request_id: str) -> bool:
         """Whether some connection still reads (or re-attached to) the stream."""
         return bool(await self._redis.exists(readers_key(request_id)))
+
+    async def reattached(self, request_id: str, detached_at: float) -> bool:
+        """Whether a connection attached to the stream since this pod's last one left
+        it at ``detached_at`` (monotonic): an attach or refresh pushes the key's expiry
+        past what is left of the grace that leaving set."""
+        left_ms = (self.grace_seconds - (time.monotonic() - detached_at)) * 1000
+        return await self._redis.pttl(readers_key(request_id)) > left_ms + REATTACH_TOLERANCE_MS
 
     async def _refresh(self) -> None:
         while self._attached:

@@ -67,6 +67,11 @@ async def resume_api(request: Request, request_id: str):
     return await chat_stream.handle_resume_request(request, request_id, callback=callback_func)
 
 
+@app.post("/generation_params")
+async def set_generation_params(request: Request):
+    return await chat_stream.set_generation_params(request)
+
+
 add_openai_routes(app, OpenAICompat(chat_stream.generation), callback=callback_func)
 
 

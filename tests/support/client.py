@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass, field
@@ -40,16 +41,9 @@ class StreamedReply:
         """[(event name, JSON data, id or '')]; blocks without data (``retry:``) are skipped."""
         events = []
         for block in self.text.split("\n\n"):
-            name, data, event_id = "message", "", ""
-            for line in block.split("\n"):
-                if line.startswith("event: "):
-                    name = line[len("event: ") :]
-                elif line.startswith("data: "):
-                    data += line[len("data: ") :]
-                elif line.startswith("id: "):
-                    event_id = line[len("id: ") :]
-            if data:
-                events.append((name, json.loads(data), event_id))
+            name, data, event_id, _ = _parse_sse_block(block)
+            if data is not None:
+                events.append((name, data, event_id))
         return events
 
 
@@ -91,3 +85,95 @@ def scrape(url: str) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
+
+
+@dataclass
+class ResumedStream:
+    """What a resuming client got: every event once, and how often it reconnected."""
+
+    request_id: str = ""
+    events: list[tuple[str, dict, str]] = field(default_factory=list)
+    connections: int = 0
+    refused: int = 0  # answers other than 200 (a draining pod's 503) before it got through
+    handed_off: int = 0  # ``reconnect`` events (a draining pod sent the client elsewhere)
+
+    @property
+    def text(self) -> str:
+        return "".join(data["text"] for name, data, _ in self.events if name == "token")
+
+    @property
+    def end(self) -> tuple[str, dict] | None:
+        terminal = [(name, data) for name, data, _ in self.events if name in ("done", "error")]
+        return terminal[-1] if terminal else None
+
+
+async def stream_resuming(
+    client: httpx.AsyncClient,
+    payload: dict,
+    *,
+    path: str = "/chat_stream",
+    give_up_after: float = 60,
+    result: ResumedStream | None = None,
+) -> ResumedStream:
+    """POST an SSE chat request to ``path`` and read it to its ``done`` or ``error`` the
+    way the chat page does: when the connection drops or the stream ends without
+    either, wait the server's ``retry:`` and ``GET /chat_stream/{request_id}`` with
+    ``Last-Event-ID``; a 5xx (a draining pod) or a refused connection is retried the
+    same way. ``result``: filled in as events arrive (for a caller watching progress)."""
+    result = result if result is not None else ResumedStream()
+    retry, last_id = 1.0, ""
+    deadline = time.monotonic() + give_up_after
+    while time.monotonic() < deadline:
+        headers = {"accept": "text/event-stream"}
+        if result.request_id:
+            method, url, body = "GET", f"/chat_stream/{result.request_id}", None
+            if last_id:
+                headers["last-event-id"] = last_id
+        else:
+            method, url, body = "POST", path, payload
+        try:
+            async with client.stream(method, url, json=body, headers=headers) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    if response.status_code < 500:
+                        raise AssertionError(f"{method} {url}: {response.status_code} {response.text}")
+                    result.refused += 1
+                else:
+                    result.connections += 1
+                    result.request_id = result.request_id or response.headers["x-request-id"]
+                    buffer = ""
+                    async for chunk in response.aiter_text():
+                        buffer += chunk
+                        *blocks, buffer = buffer.split("\n\n")
+                        for block in blocks:
+                            name, data, event_id, block_retry = _parse_sse_block(block)
+                            if block_retry is not None:
+                                retry = block_retry / 1000
+                            if data is None:
+                                continue
+                            if event_id:
+                                last_id = event_id
+                            if name == "reconnect":
+                                result.handed_off += 1
+                            else:
+                                result.events.append((name, data, event_id))
+                            if name in ("done", "error"):
+                                return result
+        except httpx.TransportError:
+            pass  # the pod (or the network) went away: resume after the retry
+        await asyncio.sleep(retry)
+    raise TimeoutError(f"no end of {result.request_id or 'the request'} within {give_up_after}s: {result}")
+
+
+def _parse_sse_block(block: str) -> tuple[str, dict | None, str, int | None]:
+    name, data, event_id, retry = "message", "", "", None
+    for line in block.split("\n"):
+        if line.startswith("event: "):
+            name = line[len("event: ") :]
+        elif line.startswith("data: "):
+            data += line[len("data: ") :]
+        elif line.startswith("id: "):
+            event_id = line[len("id: ") :]
+        elif line.startswith("retry: "):
+            retry = int(line[len("retry: ") :])
+    return name, (json.loads(data) if data else None), event_id, retry

@@ -122,8 +122,10 @@ class ApiServer(Service):
     """An API process on a free port; ``app`` is ``None`` for ``python -m services.api``
     or a ``module:attribute`` for a user's own app run with uvicorn."""
 
-    def __init__(self, name: str, env: dict[str, str], workdir: Path, app: str | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self, name: str, env: dict[str, str], workdir: Path, app: str | None = None, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()  # a given port: a pod restarted behind the same address
         self.base_url = f"http://127.0.0.1:{self.port}"
         # With API_INTERNAL_PORT the probes answer there, not on the API's port.
         self.health_url = f"http://127.0.0.1:{env.get('API_INTERNAL_PORT', self.port)}/healthz"

@@ -67,6 +67,11 @@ class TcpProxy:
         self._server.close()
         for writer in list(self._writers):
             writer.close()
+        # Let each connection's task see its close, so that none is left pending when
+        # the loop stops.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         await self._server.wait_closed()
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
