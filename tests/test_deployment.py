@@ -263,6 +263,16 @@ def test_chart_refuses_a_grace_period_shorter_than_the_drain() -> None:
     assert "must exceed generator.env.DRAIN_SECONDS" in result.stderr
 
 
+def test_api_pods_leave_the_service_when_they_drain_and_have_time_to_hand_streams_off(rendered) -> None:
+    api = container(rendered["defaults"], "api")
+    assert api["readinessProbe"]["httpGet"]["path"] == "/acceptingz"  # 503 from SIGTERM on
+    assert api["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert pod_spec(rendered["defaults"], "api")["terminationGracePeriodSeconds"] > 5 + 10 + 5
+    result = helm_template_result({"api.terminationGracePeriodSeconds": 15})
+    assert result.returncode != 0
+    assert "must exceed api.preStopSleepSeconds + api.env.RESUME_GRACE_SECONDS + 5 (20)" in result.stderr
+
+
 def test_pod_disruption_budgets_select_their_pods(rendered) -> None:
     objects = rendered["defaults"]
     for component in ("api", "generator"):
