@@ -14,7 +14,8 @@ from tests.support.processes import eventually
 
 
 async def test_metrics_of_both_pods_move_with_real_requests(stack):
-    generator = stack.generator(synthetic_generator_env(tokens_per_second=100, MAX_NEW_TOKENS="8"))
+    # 8 tokens at 25/s: a reply holds its permit ~0.3 s, long enough for a scrape to see it.
+    generator = stack.generator(synthetic_generator_env(tokens_per_second=25, MAX_NEW_TOKENS="8"))
     api = stack.api({"MAX_CONCURRENT_GENERATIONS": "1"})
     before = scrape(api.base_url + "/metrics")
     async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
@@ -25,6 +26,8 @@ async def test_metrics_of_both_pods_move_with_real_requests(stack):
         during = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "slow " * 3}))
         await eventually(lambda: scrape(api.base_url + "/metrics")["chatstream_permits_in_use"] == 1, 5, "a permit in use")
         await during
+    # The generation releases its permit just after its last entry, which the client may read first.
+    await eventually(lambda: scrape(api.base_url + "/metrics")["chatstream_permits_in_use"] == 0, 2, "the permit back")
     after = scrape(api.base_url + "/metrics")
     delta = lambda name: after.get(name, 0) - before.get(name, 0)  # noqa: E731
     assert delta('chatstream_requests_total{outcome="success"}') == 4

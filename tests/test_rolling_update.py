@@ -70,10 +70,10 @@ def _listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-async def _restart(stack, pods: list, index: int, sig: int, progress: dict[int, ResumedStream]) -> None:
+async def _restart(stack, pods: list, index: int, sig: int, progress: dict[int, ResumedStream]):
     """Stop pod ``index`` with ``sig`` while every stream is mid-reply, and start a new
     one on its port as soon as the old one stopped listening (a rolling update's
-    surge: the old pod may still be draining)."""
+    surge: the old pod may still be draining); returns the old one."""
     await eventually(
         lambda: len(progress) == STREAMS and all(_tokens(s) >= EVENTS_BEFORE_RESTART for s in progress.values()),
         60,
@@ -89,10 +89,7 @@ async def _restart(stack, pods: list, index: int, sig: int, progress: dict[int, 
     await eventually(lambda: not _listening(old.port), 10, f"{old.name} to stop listening")
     pods[index] = await asyncio.to_thread(stack.api, old.env_extra, SEED_APP, old.port)
     pods[index].env_extra = old.env_extra
-    stopped.append(old)
-
-
-stopped: list = []
+    return old
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
@@ -109,12 +106,10 @@ async def test_restarting_each_api_pod_breaks_no_stream(stack, tiny_model, sig):
 
         progress: dict[int, ResumedStream] = {}
         streams = asyncio.create_task(_all(proxy.url, progress))
-        for index in range(len(pods)):
-            await _restart(stack, pods, index, sig, progress)
+        stopped = [await _restart(stack, pods, index, sig, progress) for index in range(len(pods))]
         resumed = await asyncio.wait_for(streams, 120)
         for old in stopped:  # a drained pod exits once its clients resumed elsewhere
             assert await asyncio.to_thread(old.proc.wait, 30) is not None
-        stopped.clear()
 
     for i, (stream, reference) in enumerate(zip(resumed, uninterrupted)):
         assert stream.end == reference.end, f"stream {i}: {stream.end} != {reference.end}"
