@@ -11,6 +11,9 @@
   in-memory queue. Admission and sessions still use Redis, so the difference to
   ``relay``/``mux`` is exactly the hop (enqueue → generator → stream → relay).
 
+``bench.apps:timed`` serves ``create()``'s app and notes, for each resume
+(``GET /chat_stream/{id}``), the API's own share of its latency (see ``timed``).
+
 Generator settings (``SYNTHETIC_TOKENS_PER_SECOND``, ``MAX_NEW_TOKENS``) are read
 from the same environment variables the generator pod reads.
 """
@@ -20,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI
 
@@ -42,6 +46,34 @@ def create() -> FastAPI:
     elif mode != "mux":
         raise ValueError(f"unknown BENCH_APP {mode!r}")
     return create_app(ApiSettings())
+
+
+def timed() -> Callable[..., Awaitable[None]]:
+    """``create()``'s app, writing a line per resume request to ``BENCH_TIMINGS_FILE``:
+    milliseconds from the request reaching the app to its response headers, and to
+    its first ``token`` event (the benchmark's client sees these plus its own costs:
+    a new connection, sending, parsing)."""
+    app = create()
+    out = open(os.environ["BENCH_TIMINGS_FILE"], "a", buffering=1)  # noqa: SIM115 (the process's lifetime)
+
+    async def timed_app(scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET" or not scope["path"].startswith("/chat_stream/"):
+            return await app(scope, receive, send)
+        arrived = time.perf_counter()
+        headers_ms = 0.0
+
+        async def timed_send(message: dict) -> None:
+            nonlocal headers_ms
+            if message["type"] == "http.response.start":
+                headers_ms = (time.perf_counter() - arrived) * 1000
+            await send(message)
+            if message["type"] == "http.response.body" and headers_ms and b"event: token" in message.get("body", b""):
+                out.write(f"{headers_ms:.3f} {(time.perf_counter() - arrived) * 1000:.3f}\n")
+                headers_ms = 0.0  # the first token only
+
+        await app(scope, receive, timed_send)
+
+    return timed_app
 
 
 class _ReplacedSubscription:

@@ -14,14 +14,18 @@ per stream, in the same run:
 * ``delivery``: for the tokens of the same streams before the drop, from the entry's
   write (its Redis Stream id is Redis's clock in ms, the same machine's) to its
   arrival: what an uninterrupted stream waits for a token that is there;
-* ``gap``: the ordinary inter-token gap before the drop.
+* ``gap``: the ordinary inter-token gap before the drop;
+* ``resume_connect`` (the client's new TCP connection) and ``server_headers`` /
+  ``server_first_event`` (from the resume reaching the API app to its headers and
+  first token event, noted by ``bench.apps:timed``): where the time goes.
 
 "Resume adds" = ``resume_first_event`` p50 − ``delivery`` p50: how much later than
 on an uninterrupted stream a resumed client gets a token that is waiting for it.
 
-Writes ``bench/results/resume.json`` and ``resume.md``.
+Writes ``bench/results/<--name>.json`` and ``.md``.
 
-    .venv/bin/python bench/resume_latency.py        # ~1 minute
+    .venv/bin/python bench/resume_latency.py        # 20 at a time: resume.md, ~1 minute
+    .venv/bin/python bench/resume_latency.py --streams 30 --concurrency 1 --name resume-one-stream
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import argparse
 import asyncio
 import json
 import platform
+import ssl
 import statistics
 import sys
 import time
@@ -61,8 +66,14 @@ def _events(buffer: str) -> tuple[list[tuple[str, str]], str]:
     return out, rest
 
 
+#: One TLS context for every client: building one (what httpx does per client
+#: otherwise) takes ~30 ms of CPU here, a stall every other stream's clock would see.
+_TLS = ssl.create_default_context()
+
+
 async def one_stream(base_url: str, args: argparse.Namespace) -> dict[str, float]:
-    async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+    # A client per stream: its own session cookie, as separate users have.
+    async with httpx.AsyncClient(base_url=base_url, timeout=30, verify=_TLS) as client:
         last_at = 0.0
         gaps: list[float] = []
         delivery: list[float] = []
@@ -85,9 +96,16 @@ async def one_stream(base_url: str, args: argparse.Namespace) -> dict[str, float
                     break  # the connection drops here
         await asyncio.sleep(args.pause)
         resume_sent = time.perf_counter()
-        resumed_at = 0.0
+        resumed_at = connected_at = 0.0
+
+        async def trace(name: str, info: dict) -> None:
+            nonlocal connected_at
+            if name == "connection.connect_tcp.complete":
+                connected_at = time.perf_counter()
+
         async with client.stream(
-            "GET", f"/chat_stream/{request_id}", headers={**SSE, "last-event-id": last_id}
+            "GET", f"/chat_stream/{request_id}", headers={**SSE, "last-event-id": last_id},
+            extensions={"trace": trace},
         ) as response:
             assert response.status_code == 200, response.status_code
             resume_headers = time.perf_counter() - resume_sent
@@ -101,6 +119,8 @@ async def one_stream(base_url: str, args: argparse.Namespace) -> dict[str, float
         return {
             "resume_first_event": resumed_at - resume_sent,
             "resume_headers": resume_headers,
+            # The client's new TCP connection (a dropped one is gone): in the two above.
+            "resume_connect": connected_at - resume_sent if connected_at else 0.0,
             "delivery": statistics.median(delivery),
             "gap": statistics.median(gaps),
         }
@@ -134,6 +154,7 @@ def main() -> None:
     parser.add_argument("--drop-after", type=int, default=10)
     parser.add_argument("--pause", type=float, default=0.1, help="seconds between the drop and the resume")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--name", default="resume", help="results file name, without extension")
     args = parser.parse_args()
 
     workdir = REPO / ".cache" / "bench-resume"
@@ -147,22 +168,34 @@ def main() -> None:
         workdir,
         server.client,
     )
-    api = ApiServer("bench-api", {**env, "MAX_CONCURRENT_GENERATIONS": str(args.concurrency + 1)}, workdir)
+    timings = workdir / "server-timings.txt"
+    timings.unlink(missing_ok=True)
+    api = ApiServer(
+        "bench-api",
+        {**env, "MAX_CONCURRENT_GENERATIONS": str(args.concurrency + 1), "BENCH_TIMINGS_FILE": str(timings)},
+        workdir,
+        app="bench.apps:timed",
+        factory=True,
+    )
     try:
         rows = asyncio.run(run(api.base_url, args))
     finally:
         api.stop()
         generator.stop()
         server.close()
+    # The API's own share, from the app's side (the warm-up's resume is the first line).
+    server_rows = [line.split() for line in timings.read_text().splitlines()[1:]]
     result = {
         "machine": f"{platform.machine()}, {platform.python_version()}",
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         **{key: quantiles([row[key] for row in rows]) for key in rows[0]},
+        "server_headers": quantiles([float(h) / 1000 for h, _ in server_rows]),
+        "server_first_event": quantiles([float(t) / 1000 for _, t in server_rows]),
     }
     added = result["resume_first_event"]["p50_ms"] - result["delivery"]["p50_ms"]
     result["resume_added_p50_ms"] = added
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "resume.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         "# Resume latency",
         "",
@@ -172,12 +205,15 @@ def main() -> None:
         "| measure | p50 ms | p90 ms | p99 ms |",
         "| --- | --- | --- | --- |",
     ]
-    for key in ("resume_first_event", "resume_headers", "delivery", "gap"):
+    for key in ("resume_first_event", "resume_headers", "resume_connect", "server_headers",
+                "server_first_event", "delivery", "gap"):
         q = result[key]
         lines.append(f"| {key} | {q['p50_ms']:.2f} | {q['p90_ms']:.2f} | {q['p99_ms']:.2f} |")
     lines += ["", f"Resume adds {added:.2f} ms p50 to the next token: resume request → first token, less "
-              "what an uninterrupted stream waits for a token (entry written → received; ms resolution)."]
-    (args.out / "resume.md").write_text("\n".join(lines) + "\n")
+              "what an uninterrupted stream waits for a token (entry written → received; ms resolution).",
+              "`resume_connect`: the client's new TCP connection; `server_*`: from the resume request reaching "
+              "the API app to its response headers and to its first token event (the API's own share)."]
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

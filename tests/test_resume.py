@@ -133,6 +133,17 @@ async def test_replay_from_the_start_and_until_the_retention_ends(stack):
         replayed, again = await read_sse(client, "GET", f"/chat_stream/{request_id}")
         assert replayed.status == 200
         assert same_stream(again, events)
+        # After the next-to-last event: the end alone.
+        _, last_only = await read_sse(
+            client, "GET", f"/chat_stream/{request_id}", headers={"last-event-id": events[-2][2]}
+        )
+        assert last_only == [events[-1]]
+        # After the last: nothing more will come, and 204 says so (an EventSource
+        # stops reconnecting), at once rather than after waiting on the stream.
+        started = time.monotonic()
+        ended = await client.get(f"/chat_stream/{request_id}", headers={**SSE, "last-event-id": events[-1][2]})
+        assert ended.status_code == 204 and ended.headers["x-request-id"] == request_id
+        assert time.monotonic() - started < 1.0
         await asyncio.sleep(2.5)
         expired = await client.get(f"/chat_stream/{request_id}", headers=SSE)
     assert expired.status_code == 404 and expired.json()["error"] == "not_found"

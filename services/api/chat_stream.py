@@ -34,14 +34,14 @@ from services.api.framing import (
     PlainTextFramer,
     SseFramer,
 )
-from services.api.generation import GenerationRequest, GenerationService
+from services.api.generation import REQUEST_ID_HEADER, GenerationRequest, GenerationService
 from services.api.generation_params import GenerationParams
 from services.api.load import load_response
 from services.api.lifecycle import OnReply
 from services.api.origin import check_same_origin
 from services.api.outcome import Callback
 from services.api.response import RelayResponse
-from services.api.resume import RequestRecord, check_request_id, not_found, owner_of, parse_cursor, parse_offset
+from services.api.resume import Backlog, RequestRecord, check_request_id, not_found, owner_of, parse_cursor, parse_offset
 from services.api.sessions import SessionStore, Turn, turns_to_messages
 from services.api.settings import ApiSettings, ResponseFormat
 from services.api.validation import check_body_size, parse_chat_request, read_body
@@ -182,10 +182,10 @@ class ChatStream:
             offset = parse_offset(request)
             session_id, _ = self.sessions.session_id(request)
             try:
-                record = await RequestRecord.load(self.redis, request_id)
+                record, entries = await RequestRecord.load(self.redis, request_id)
                 if record is None or not hmac.compare_digest(record.owner, owner_of(request, session_id)):
                     raise not_found()
-                if not await self.generation.still_readable(request_id):
+                if not entries and not await self.generation.awaits_generator(request_id):
                     raise not_found()  # its retention is over
             except RedisError:
                 logger.warning("reading the record of %s failed", request_id, exc_info=True)
@@ -197,11 +197,16 @@ class ChatStream:
             cursor = ""  # a plain body is resumed by its byte offset
             if offset and isinstance(framer, PlainTextFramer):
                 framer = OffsetFramer(framer, offset)
+        backlog = Backlog.split(entries, cursor)
+        if backlog.seen_end:
+            # The client has every event: 204 is what tells an EventSource to stop
+            # reconnecting (nothing is relayed, so no callback fires here).
+            return Response(status_code=204, headers={REQUEST_ID_HEADER: request_id})
         return self.generation.resume(
             request,
             request_id,
             record,
-            cursor,
+            backlog,
             framer=framer,
             headers=self._stream_headers(framer, sse, request_id),
             on_reply=self._turn_recorder(record, request_id),

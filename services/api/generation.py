@@ -29,7 +29,7 @@ from services.api.lifecycle import GRACE_MARGIN_SECONDS, NewRequest, OnReply, Re
 from services.api.outcome import Callback
 from services.api.relay import delete_stream
 from services.api.response import RelayResponse
-from services.api.resume import Readers, RequestRecord
+from services.api.resume import Backlog, Readers, RequestRecord
 from services.api.settings import ApiSettings
 from services.api.stream_reader import StreamReader
 from services.common.contract import ChatMessage, HistoryWindow, SamplingParams, stream_key
@@ -133,10 +133,10 @@ class GenerationService:
             settings.request_timeout_seconds + settings.resume_grace_seconds + settings.resume_retention_seconds + 60
         )
 
-    async def still_readable(self, request_id: str) -> bool:
-        """Whether a request's stream can still be read: it exists, or its job is
-        still waiting for a generator to create it."""
-        return bool(await self.redis.exists(stream_key(request_id))) or await self.queue.is_pending(request_id)
+    async def awaits_generator(self, request_id: str) -> bool:
+        """Whether a request whose stream has no entries may still get them: its job
+        waits in the queue, or has just been taken (the generator has yet to write)."""
+        return await self.queue.is_pending(request_id) or bool(await self.redis.exists(stream_key(request_id)))
 
     async def retain_stream(self, request_id: str, resumable: bool) -> None:
         """Keep a finished resumable request's stream for RESUME_RETENTION_SECONDS,
@@ -202,15 +202,15 @@ class GenerationService:
         request: Request,
         request_id: str,
         record: RequestRecord,
-        cursor: str,
+        backlog: Backlog,
         *,
         framer: Framer,
         headers: list[tuple[bytes, bytes]] | None = None,
         on_reply: OnReply | None = None,
         callback: Callback | None = None,
     ) -> RelayResponse:
-        """The rest of a request's stream, after ``cursor`` ('' = from the start)."""
+        """The rest of a request's stream: ``backlog``'s entries, then those to come."""
         lifecycle = ResumedRequest(
-            self, request, request_id, record, cursor, on_reply=on_reply, callback=callback
+            self, request, request_id, record, backlog, on_reply=on_reply, callback=callback
         )
         return self._response(request, lifecycle, framer, True, headers)

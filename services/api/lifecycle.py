@@ -34,7 +34,7 @@ from services.api.exchange import ChatExchange, Timings, Usage
 from services.api.outcome import Callback, CallbackMessage, invoke_callback
 from services.api.relay import GeneratorLost, JobLost
 from services.api.response import Queued, RelayProgress, StreamFailed
-from services.api.resume import RequestRecord, claim_outcome
+from services.api.resume import Backlog, RequestRecord, claim_outcome
 from services.api.stream_reader import Subscription
 from services.common.contract import (
     EventType,
@@ -45,7 +45,6 @@ from services.common.contract import (
     StreamEvent,
     readers_key,
     request_key,
-    stream_key,
 )
 
 if TYPE_CHECKING:
@@ -405,37 +404,49 @@ class ResumedRequest(_Lifecycle):
         request: Request,
         request_id: str,
         record: RequestRecord,
-        cursor: str,
+        backlog: Backlog,
         *,
         on_reply: OnReply | None,
         callback: Callback | None,
     ) -> None:
         super().__init__(service, request, request_id, on_reply=on_reply, callback=callback)
         self.record = record
-        self.cursor = cursor
-        self.started = bool(cursor)  # a cursor is an event after the generator's start
+        self.backlog = backlog
+        self.started = bool(backlog.cursor)  # a cursor is an event after the generator's start
         self.resumable = True
-        self.prefix = ""  # the reply's text before the cursor
+        self.prefix = backlog.prefix  # the reply's text up to the cursor
 
     async def events(self) -> AsyncIterator[StreamEvent | Queued]:
-        """Relay the stream from the entry after the cursor."""
+        """Relay the backlog read with the request's record, then the entries after it."""
         service = self.service
+        # The generator need only see the readers key within the grace, so the backlog
+        # goes out while the attach is on its way: a resumed client's first event does
+        # not wait for a round trip. Its failure ends the stream after that event.
+        attaching: asyncio.Future[None] | None = asyncio.ensure_future(service.readers.attach(self.request_id))
+        backlog = self.backlog
+        subscription = service.reader.resume(
+            self.request_id, backlog.cursor or STREAM_START, backlog=backlog.entries
+        )
         try:
-            await service.readers.attach(self.request_id)
-            if self.cursor:
-                self.prefix = await self.text_before(self.cursor)
+            async for event in self.relay(subscription, self.prefix):
+                yield event
+                if attaching is not None:
+                    await self._attached(attaching)
+                    attaching = None
+            if attaching is not None:
+                await self._attached(attaching)
+        finally:
+            if attaching is not None and not attaching.done():
+                attaching.cancel()
+            elif attaching is not None and not attaching.cancelled():
+                attaching.exception()  # retrieved: the stream ended for another reason first
+
+    async def _attached(self, attaching: asyncio.Future[None]) -> None:
+        try:
+            await attaching
         except RedisError:
             logger.warning("resuming %s failed", self.request_id, exc_info=True)
             raise StreamFailed("redis_unavailable", "lost the connection to Redis") from None
-        subscription = service.reader.resume(self.request_id, self.cursor or STREAM_START)
-        async for event in self.relay(subscription, self.prefix):
-            yield event
-
-    async def text_before(self, cursor: str) -> str:
-        """The reply's text up to and including entry ``cursor``."""
-        entries = await self.service.redis.xrange(stream_key(self.request_id), "-", cursor)
-        events = (StreamEvent.from_fields(fields) for _, fields in entries)
-        return "".join(e.text for e in events if e.type is EventType.TOKEN)
 
     async def exchange(self, message: CallbackMessage, progress: RelayProgress) -> ChatExchange:
         usage, finish_reason = _usage_and_reason(message, progress)

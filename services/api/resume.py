@@ -29,7 +29,15 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 
 from services.api.errors import ApiError
-from services.common.contract import CURSOR_PATTERN, outcome_key, readers_key, request_key
+from services.common.contract import (
+    CURSOR_PATTERN,
+    EventType,
+    StreamEvent,
+    outcome_key,
+    readers_key,
+    request_key,
+    stream_key,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -108,14 +116,53 @@ class RequestRecord:
         }
 
     @classmethod
-    async def load(cls, redis: Redis, request_id: str) -> RequestRecord | None:
-        """The record, or None when the request is unknown or expired."""
-        owner, session_id, user_input, regenerate = await redis.hmget(
-            request_key(request_id), ["owner", "session_id", "user_input", "regenerate"]
-        )
+    async def load(cls, redis: Redis, request_id: str) -> tuple[RequestRecord | None, Entries]:
+        """The record (None when the request is unknown or expired) and every entry of
+        its stream so far, in one round trip: a resumed client's first events are
+        those already written, sent without waiting for a read of the stream."""
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(request_key(request_id), ["owner", "session_id", "user_input", "regenerate"])
+            pipe.xrange(stream_key(request_id), "-", "+")
+            (owner, session_id, user_input, regenerate), entries = await pipe.execute()
         if owner is None:
-            return None
-        return cls(owner.decode(), (session_id or b"").decode(), (user_input or b"").decode(), bool(regenerate))
+            return None, []
+        record = cls(owner.decode(), (session_id or b"").decode(), (user_input or b"").decode(), bool(regenerate))
+        return record, entries
+
+
+#: A stream's entries as redis-py reads them: (entry id, fields).
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def _entry_order(entry_id: bytes | str) -> tuple[int, int]:
+    milliseconds, _, sequence = (entry_id.decode() if isinstance(entry_id, bytes) else entry_id).partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """A resumed stream as read when its client came back, split at the client's
+    cursor ('' = before the first entry): the reply's text the client had (for the
+    turn recorded at the end), and the entries it is sent first."""
+
+    cursor: str
+    prefix: str
+    entries: Entries  # after the cursor
+    seen_end: bool  # the client already had the stream's terminal event
+
+    @classmethod
+    def split(cls, entries: Entries, cursor: str) -> Backlog:
+        if not cursor:
+            return cls(cursor, "", entries, False)
+        at = _entry_order(cursor)
+        before = [fields for entry_id, fields in entries if _entry_order(entry_id) <= at]
+        events = [StreamEvent.from_fields(fields) for fields in before]
+        return cls(
+            cursor=cursor,
+            prefix="".join(e.text for e in events if e.type is EventType.TOKEN),
+            entries=entries[len(before):],
+            seen_end=any(e.is_terminal for e in events),
+        )
 
 
 async def claim_outcome(redis: Redis, request_id: str, message: str, ttl_seconds: int) -> bool:

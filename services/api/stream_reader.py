@@ -43,7 +43,7 @@ import logging
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
@@ -96,17 +96,22 @@ _MIN_READ_PAUSE = 0.001
 
 _DOORBELL_FIELD = DOORBELL_FIELD.encode()
 
+#: A stream's entries as read: (entry id, fields).
+Entries = Sequence[tuple[Any, dict[Any, Any]]]
+
 
 class _Subscription:
     """One request's place in a reader: entries read for it but not yet consumed."""
 
-    __slots__ = ("key", "packed_key", "last_id", "packed_id", "batches", "waiter", "error", "rung")
+    __slots__ = ("key", "packed_key", "last_id", "packed_id", "batches", "waiter", "error", "rung", "started")
 
     def __init__(self, key: bytes, rung: bool, after: bytes = b"0-0") -> None:
         self.key = key
         self.packed_key = _bulk(key)
         self.last_id: bytes = after
         self.packed_id = _bulk(self.last_id)
+        # Read from a cursor, the stream has started: a cursor comes from an event after `start`.
+        self.started = after != b"0-0"
         self.batches: list[list[tuple[Any, dict[Any, Any]]]] = []
         self.waiter: asyncio.Future[None] | None = None
         self.error: BaseException | None = None
@@ -389,8 +394,7 @@ class Subscription:
         ``RedisError`` in every stream it covered.
         """
         sub = self._sub
-        # Read from a cursor, the stream has started: a cursor comes from an event after `start`.
-        decoder = EntryDecoder(self._shard.coalesce, started=sub.last_id != b"0-0")
+        decoder = EntryDecoder(self._shard.coalesce, started=sub.started)
         last_seen = time.monotonic()
         job_missing = False
         while True:
@@ -467,8 +471,13 @@ class StreamReader:
         return min(self._shards, key=lambda s: len(s.subs))
 
     @staticmethod
-    def _add(shard: _Shard, request_id: str, rung: bool, after: str = STREAM_START) -> Subscription:
+    def _add(
+        shard: _Shard, request_id: str, rung: bool, after: str = STREAM_START, backlog: Entries = ()
+    ) -> Subscription:
         sub = _Subscription(stream_key(request_id).encode(), rung, after.encode())
+        if backlog:
+            sub.advance(_as_bytes(backlog[-1][0]))
+            sub.push(list(backlog))
         shard.add(sub)
         return Subscription(shard, sub)
 
@@ -480,11 +489,13 @@ class StreamReader:
         await shard.ensure_doorbell()
         return self._add(shard, request_id, rung=True)
 
-    def resume(self, request_id: str, after: str = STREAM_START) -> Subscription:
+    def resume(self, request_id: str, after: str = STREAM_START, backlog: Entries = ()) -> Subscription:
         """Read ``request_id``'s stream from the entry after cursor ``after`` (a stream
-        another process, or an earlier connection, subscribed to). Its generator rings
-        another reader's doorbell, if any: every read covers it."""
-        return self._add(self._shard(), request_id, rung=False, after=after)
+        another process, or an earlier connection, subscribed to). ``backlog``: the
+        entries after ``after`` the caller has read already, consumed first and not
+        read again. Its generator rings another reader's doorbell, if any: every read
+        covers it."""
+        return self._add(self._shard(), request_id, rung=False, after=after, backlog=backlog)
 
     async def read_events(self, request_id: str, silence_limit: float) -> AsyncIterator[StreamEvent]:
         """The events of a stream whose writer does not announce its entries (no

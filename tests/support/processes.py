@@ -120,10 +120,17 @@ class Service:
 
 class ApiServer(Service):
     """An API process on a free port; ``app`` is ``None`` for ``python -m services.api``
-    or a ``module:attribute`` for a user's own app run with uvicorn."""
+    or a ``module:attribute`` for a user's own app run with uvicorn (with ``factory``:
+    a function that returns it)."""
 
     def __init__(
-        self, name: str, env: dict[str, str], workdir: Path, app: str | None = None, port: int | None = None
+        self,
+        name: str,
+        env: dict[str, str],
+        workdir: Path,
+        app: str | None = None,
+        port: int | None = None,
+        factory: bool = False,
     ) -> None:
         self.port = port or free_port()  # a given port: a pod restarted behind the same address
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -134,6 +141,8 @@ class ApiServer(Service):
             args = ["-m", "services.api"]
         else:
             args = ["-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(self.port)]
+            if factory:
+                args.append("--factory")
         super().__init__(name, args, env, workdir)
         wait_until(self._healthy, 60, f"{name} /healthz")
 

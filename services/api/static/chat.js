@@ -230,6 +230,7 @@
           if (error instanceof TypeError) continue; // fetch's "network error": unreachable for now
           throw error; // an abort
         }
+        if (response.status === 204) return null; // this page had the last event already
         if (response.ok) return response;
         if (response.status === 404) {
           showError(this.bubble, "The connection was lost, and the server no longer has this reply.");
