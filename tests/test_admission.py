@@ -85,7 +85,7 @@ async def test_full_queue_is_429_with_retry_after_and_queue_timeout_is_503(stack
         busy = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "busy"}))
         await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) == 1, 5, "the permit to be taken")
         waiter = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "waits"}))
-        await eventually(lambda: stack.redis.zcard(GENERATIONS.queue) == 1, 5, "a waiter")
+        await eventually(lambda: stack.redis.zcard(GENERATIONS.waiters) == 1, 5, "a waiter")
         started = time.monotonic()
         rejected = await client.post("/chat_stream", json={"user_input": "one too many"})
         assert rejected.status_code == 429
@@ -106,11 +106,11 @@ async def test_disconnect_while_waiting_for_a_permit_leaves_the_queue_and_never_
         busy = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "busy"}))
         await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) == 1, 5, "the permit to be taken")
         waiter = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "gives up"}, sse=True))
-        await eventually(lambda: stack.redis.zcard(GENERATIONS.queue) == 1, 5, "a waiter")
-        waiting_id = stack.redis.zrange(GENERATIONS.queue, 0, -1)[0].decode()
+        await eventually(lambda: stack.redis.zcard(GENERATIONS.waiters) == 1, 5, "a waiter")
+        waiting_id = stack.redis.zrange(GENERATIONS.waiters, 0, -1)[0].decode()
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)
-        await eventually(lambda: stack.redis.zcard(GENERATIONS.queue) == 0, 1, "the waiter to leave at once")
+        await eventually(lambda: stack.redis.zcard(GENERATIONS.waiters) == 0, 1, "the waiter to leave at once")
         await busy
     await eventually(lambda: any(e.decode() == f"{waiting_id} client_disconnected_before_streaming" for e in stack.redis.lrange(CALLBACKS_KEY, 0, -1)), 5, "the callback")
     assert stack.redis.zcard(QUEUE_NAME) == 0
@@ -127,7 +127,7 @@ async def test_killed_api_pod_returns_its_permit_and_its_queue_place(stack):
         holding = asyncio.create_task(stream_chat(client, doomed.base_url + "/chat_stream", {"user_input": "held"}))
         await eventually(lambda: "started" in generator.log(), 5, "the generation to start")
         waiting = asyncio.create_task(stream_chat(client, doomed.base_url + "/chat_stream", {"user_input": "waiting"}))
-        await eventually(lambda: stack.redis.zcard(GENERATIONS.queue) == 1, 5, "a waiter")
+        await eventually(lambda: stack.redis.zcard(GENERATIONS.waiters) == 1, 5, "a waiter")
         doomed.stop(signal.SIGKILL)
         killed_at = time.monotonic()
         await asyncio.gather(holding, waiting, return_exceptions=True)
@@ -152,7 +152,7 @@ async def test_permits_follow_the_slots_of_live_generators(stack):
             asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": f"x{i}"}, stop_after_chunks=8))
             for i in range(6)
         ]
-        await eventually(lambda: stack.redis.zcard(GENERATIONS.queue) == 4, 5, "four to wait")
+        await eventually(lambda: stack.redis.zcard(GENERATIONS.waiters) == 4, 5, "four to wait")
         assert stack.redis.zcard(GENERATIONS.holders) == 2, "one generator with 2 slots: 2 permits"
         stack.generator(gen_env)  # scale out: two more slots
         await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) >= 4, 10, "permits to follow")

@@ -104,7 +104,7 @@ async def test_client_disconnects_show_what_was_sent(stack):
         busy = asyncio.create_task(stream_chat(client, "/chat_stream_callback", {"user_input": "busy"}))
         await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) == 1, 5, "the permit to be taken")
         waiter = asyncio.create_task(stream_chat(client, "/chat_stream_callback", {"user_input": "gives up"}, sse=True))
-        await eventually(lambda: stack.redis.zcard(GENERATIONS.queue) == 1, 5, "a waiter")
+        await eventually(lambda: stack.redis.zcard(GENERATIONS.waiters) == 1, 5, "a waiter")
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)
         busy.cancel()

@@ -151,7 +151,7 @@ async def test_every_accepted_request_gets_exactly_one_matching_callback(stack):
 
     # Nothing is left behind.
     await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) == 0, 5, "every permit back")
-    assert stack.redis.zcard(GENERATIONS.queue) == 0
+    assert stack.redis.zcard(GENERATIONS.waiters) == 0
     # Streams stay readable for RESUME_RETENTION_SECONDS after their end, no longer.
     assert all(0 < stack.redis.ttl(key) <= 60 for key in stack.redis.keys("chatstream:stream:*"))
     assert stack.redis.zcard("chatstream:queue") == 0

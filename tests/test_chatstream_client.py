@@ -152,11 +152,11 @@ def test_the_client_sees_refusals_in_the_shape_it_parses(stack, page):  # noqa: 
     assert_refused(page, "client_error", 409, "nothing_to_regenerate", "nothing_to_regenerate")
 
     with other_client(api.base_url, lambda: stack.redis.zcard(GENERATIONS.holders) == 1):
-        with other_client(api.base_url, lambda: stack.redis.zcard(GENERATIONS.queue) == 1):
+        with other_client(api.base_url, lambda: stack.redis.zcard(GENERATIONS.waiters) == 1):
             ask(page, user_input="hello")
             assert_refused(page, "client_error", 429, "too_many_requests", "too_many_requests")
         # The queue place is free again; waiting in it outlasts QUEUE_TIMEOUT_SECONDS.
-        wait_until(lambda: stack.redis.zcard(GENERATIONS.queue) == 0, 5, "the queue place to be free")
+        wait_until(lambda: stack.redis.zcard(GENERATIONS.waiters) == 0, 5, "the queue place to be free")
         ask(page, user_input="hello")
         assert_refused(page, "server_error", 503, "internal_server_error", "queue_timeout")
     assert session_turns(stack) == [], "nothing refused is recorded"

@@ -347,6 +347,19 @@ def test_api_keys_secret_is_mounted_as_the_keys_file(rendered) -> None:
     assert "chat-chatstream-api-keys" not in [o["metadata"]["name"] for o in objects if o["kind"] == "Secret"]
 
 
+def test_a_tenants_secret_is_mounted_as_the_tenants_file(rendered) -> None:
+    objects = parse(helm_template({"api.tenants.existingSecret": "our-tenants"}))
+    (volume,) = [v for v in pod_spec(objects, "api")["volumes"] if v["name"] == "tenants"]
+    assert volume["secret"] == {"secretName": "our-tenants", "items": [{"key": "tenants.yaml", "path": "tenants.yaml"}]}
+    (mount,) = [m for m in container(objects, "api")["volumeMounts"] if m["name"] == "tenants"]
+    assert "subPath" not in mount, "a subPath mount never sees an edited Secret"
+    assert container_env(objects, deployment(objects, "api"), "api")["TENANTS_FILE"] == mount["mountPath"] + "/tenants.yaml"
+    # Without one: no mount, and one default tenant.
+    defaults = rendered["defaults"]
+    assert "tenants" not in [v["name"] for v in pod_spec(defaults, "api")["volumes"]]
+    assert container_env(defaults, deployment(defaults, "api"), "api")["TENANTS_FILE"] == ""
+
+
 def test_default_install_generates_an_api_key_mounted_as_the_keys_file(rendered, tmp_path, monkeypatch) -> None:
     # ENVIRONMENT=production refuses to start without keys (or ALLOW_ANONYMOUS=true): a default install
     # must come with one, so that it starts and is not open to anyone.
@@ -371,7 +384,7 @@ def test_default_install_generates_an_api_key_mounted_as_the_keys_file(rendered,
     monkeypatch.setenv("API_KEYS_FILE", str(tmp_path / "API_KEYS"))
     assert ApiSettings().api_keys_file == str(tmp_path / "API_KEYS")
     monkeypatch.setenv("API_KEYS_FILE", "")
-    with pytest.raises(ValueError, match="needs API_KEYS or API_KEYS_FILE"):
+    with pytest.raises(ValueError, match="needs API_KEYS, API_KEYS_FILE or TENANTS_FILE"):
         ApiSettings()
     notes = (CHART / "templates" / "NOTES.txt").read_text()
     assert "chatstream.apiKeysSecretName" in notes and "base64 -d" in notes, "NOTES.txt tells the operator how to read the key"

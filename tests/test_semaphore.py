@@ -165,3 +165,110 @@ async def test_the_limit_can_follow_the_capacity_of_live_members(redis, keys):
     await redis.hset(values, "gen-2", 4)
     assert (await sem.acquire("c")).status is AcquireStatus.ACQUIRED
     assert (await sem.acquire("d")).status is AcquireStatus.WAITING  # capped by limit=3
+
+
+# ---------------------------------------------------------------- tenants
+
+from services.common.semaphore import Priority, TenantShare  # noqa: E402
+
+
+async def grant_order(sem: RedisSemaphore, waiting: dict[str, TenantShare], grants: int) -> list[str]:
+    """Hold every permit, queue ``waiting`` (holder id → tenant), then free one permit
+    at a time and return the tenants in the order they were handed permits."""
+    order: list[str] = []
+    held = {h for h in waiting if (await sem.acquire(h, waiting[h])).status is AcquireStatus.ACQUIRED}
+    assert not held, "the pool was full"
+    for i in range(grants):
+        await sem.release(f"full-{i}")
+        for holder, tenant in waiting.items():
+            if holder not in held and (await sem.acquire(holder, tenant)).status is AcquireStatus.ACQUIRED:
+                held.add(holder)
+                order.append(tenant.name)
+    return order
+
+
+async def test_flooding_tenants_share_permits_by_weight_and_fifo_within_each(redis, keys):
+    sem = RedisSemaphore(redis, keys, limit=40, lease_seconds=30, max_waiting=1000)
+    for i in range(40):
+        await sem.acquire(f"full-{i}")
+    a, b = TenantShare("a", weight=3), TenantShare("b", weight=1)
+    waiting = {f"{t.name}{i}": t for i in range(30) for t in (a, b)}
+    order = await grant_order(sem, waiting, 40)
+    assert order.count("a") == 30 and order.count("b") == 10, order
+    # Every window of 4 grants holds 3 of a and 1 of b: the share holds at every moment.
+    assert all(order[i:i + 4].count("a") == 3 for i in range(0, 40, 4)), order
+    # FIFO within a tenant: a's permits went to a0, a1, ... in arrival order.
+    holders = await redis.zrange(keys.holders, 0, -1)
+    granted_a = sorted(int(h[1:]) for h in (x.decode() for x in holders) if h.startswith("a"))
+    assert granted_a == list(range(30))
+
+
+async def test_an_idle_tenant_earns_no_credit_and_a_new_one_goes_next(redis, keys):
+    sem = RedisSemaphore(redis, keys, limit=1, lease_seconds=30, max_waiting=100)
+    busy, late = TenantShare("busy"), TenantShare("late")
+    assert (await sem.acquire("first", busy)).status is AcquireStatus.ACQUIRED
+    for i in range(20):
+        await sem.acquire(f"busy{i}", busy)
+    # busy alone for 10 grants: its virtual time runs ahead, but `late`, idle meanwhile,
+    # does not bank those turns...
+    for i in range(10):
+        await sem.release("first" if i == 0 else f"busy{i - 1}")
+        assert (await sem.acquire(f"busy{i}", busy)).status is AcquireStatus.ACQUIRED
+    for i in range(3):
+        await sem.acquire(f"late{i}", late)
+    # ...it goes next (not after busy's backlog), then they alternate.
+    order = []
+    holder = "busy9"
+    for _ in range(6):
+        await sem.release(holder)
+        for candidate in [f"late{i}" for i in range(3)] + [f"busy{i}" for i in range(10, 20)]:
+            if (await sem.acquire(candidate, late if candidate.startswith("late") else busy)).status is AcquireStatus.ACQUIRED:
+                if candidate != holder:
+                    holder = candidate
+        order.append(holder[:-1].rstrip("0123456789") or holder)
+    assert order == ["late", "busy", "late", "busy", "late", "busy"], order
+
+
+async def test_tenant_caps_hold_exactly_and_a_full_tenant_queue_rejects_only_that_tenant(redis, keys):
+    sem = RedisSemaphore(redis, keys, limit=10, lease_seconds=30, max_waiting=100)
+    capped = TenantShare("capped", max_concurrent=2, max_queued=3)
+    other = TenantShare("other")
+    results = [await sem.acquire(f"c{i}", capped) for i in range(6)]
+    assert [r.status for r in results] == [AcquireStatus.ACQUIRED] * 2 + [AcquireStatus.WAITING] * 3 + [
+        AcquireStatus.TENANT_REJECTED
+    ]
+    # Free permits remain for the others, and the capped tenant's waiters do not take them.
+    assert (await sem.acquire("o1", other)).status is AcquireStatus.ACQUIRED
+    assert (await sem.acquire("c2", capped)).status is AcquireStatus.WAITING
+    counts = await sem.tenant_counts()
+    assert counts.tenants == {"capped": (2, 3), "other": (1, 0)} and (counts.in_use, counts.waiting) == (3, 3)
+    await sem.release("c0")
+    assert (await sem.acquire("o2", other)).status is AcquireStatus.ACQUIRED  # whoever asks: c2 is handed c0's place
+    assert (await sem.acquire("c2", capped)).status is AcquireStatus.ACQUIRED
+    assert (await sem.acquire("c3", capped)).status is AcquireStatus.WAITING
+    assert (await sem.tenant_counts()).tenants["capped"] == (2, 2)
+
+
+async def test_batch_waits_for_interactive_but_gets_its_minimum_share(redis, keys):
+    sem = RedisSemaphore(redis, keys, limit=30, lease_seconds=30, max_waiting=1000, batch_every=5)
+    for i in range(30):
+        await sem.acquire(f"full-{i}")
+    chat, batch = TenantShare("chat"), TenantShare("jobs", weight=10, priority=Priority.BATCH)
+    waiting = {f"{t.name}{i}": t for i in range(30) for t in (chat, batch)}
+    order = await grant_order(sem, waiting, 30)
+    # A heavier weight does not lift batch over interactive: it gets every 5th permit.
+    assert [i for i, name in enumerate(order) if name == "jobs"] == [4, 9, 14, 19, 24, 29], order
+
+
+async def test_a_dead_waiter_handed_a_permit_keeps_it_no_longer_than_its_place(redis, keys):
+    sem = RedisSemaphore(redis, keys, limit=1, lease_seconds=0.5, max_waiting=10)
+    assert (await sem.acquire("holder")).status is AcquireStatus.ACQUIRED
+    assert (await sem.acquire("dies")).status is AcquireStatus.WAITING
+    await sem.release("holder")
+    assert (await sem.acquire("asks")).status is AcquireStatus.WAITING  # "dies" was handed the permit
+    assert await redis.zscore(keys.holders, "dies") is not None
+    for _ in range(4):  # "dies" never polls again; "asks" keeps its place alive
+        await asyncio.sleep(0.2)
+        result = await sem.acquire("asks")
+    assert result.status is AcquireStatus.ACQUIRED
+    assert await sem.tenant_counts() == type(await sem.tenant_counts())(1, 0, {"default": (1, 0)})

@@ -19,8 +19,15 @@ from redis.asyncio import Redis
 
 from services.api.errors import ApiError
 from services.common.pubsub import listen_forever
-from services.common.contract import GENERATOR_SLOTS_KEY, GENERATORS_KEY, Lease
-from services.common.semaphore import GENERATIONS, AcquireResult, AcquireStatus, Capacity, RedisSemaphore
+from services.common.contract import GENERATOR_SLOTS_KEY, GENERATORS_KEY, Lease, Quota
+from services.common.semaphore import (
+    GENERATIONS,
+    AcquireResult,
+    AcquireStatus,
+    Capacity,
+    RedisSemaphore,
+    TenantShare,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +72,13 @@ class ReleaseNotifier:
 class Ticket:
     """One request's place in admission: waiting, then holding a permit."""
 
-    def __init__(self, admission: Admission, request_id: str, first: AcquireResult) -> None:
+    def __init__(
+        self, admission: Admission, request_id: str, tenant: TenantShare, first: AcquireResult, quota: Quota | None
+    ) -> None:
         self._admission = admission
         self.request_id = request_id
+        self.tenant = tenant
+        self.quota = quota  # the budget the job's tokens are charged to
         self.result = first
         self.entered_at = time.monotonic()
         self.acquired_at: float | None = time.monotonic() if first.status is AcquireStatus.ACQUIRED else None
@@ -115,7 +126,7 @@ class Ticket:
             if remaining <= 0:
                 raise QueueTimeout(f"waited {self._admission.queue_timeout:g}s for a free generator")
             await self._admission.notifier.wait(min(self._admission.poll_interval, remaining))
-            self.result = await semaphore.acquire(self.request_id)
+            self.result = await semaphore.acquire(self.request_id, self.tenant)
         if self._keepalive is None:
             self.acquired_at = time.monotonic()
             self._start_keepalive()
@@ -164,9 +175,12 @@ class Admission:
         queue_timeout: float,
         retry_after_seconds: int,
         follow_generators: bool = False,
+        batch_every: int = 10,
     ) -> None:
         capacity = Capacity(GENERATORS_KEY, GENERATOR_SLOTS_KEY) if follow_generators else None
-        self.semaphore = RedisSemaphore(redis, GENERATIONS, limit, lease_seconds, max_queue_size, capacity)
+        self.semaphore = RedisSemaphore(
+            redis, GENERATIONS, limit, lease_seconds, max_queue_size, capacity, batch_every=batch_every
+        )
         self.notifier = ReleaseNotifier(redis, GENERATIONS.released_channel)
         self.queue_timeout = queue_timeout
         self.retry_after_seconds = retry_after_seconds
@@ -174,20 +188,29 @@ class Admission:
         # renews their waiting lease, so it must stay well under the lease.
         self.poll_interval = min(0.25, lease_seconds / 3)
 
-    async def enter(self, request_id: str) -> Ticket:
-        """First attempt: take a permit or a place in the queue.
+    async def enter(self, request_id: str, tenant: TenantShare, quota: Quota | None = None) -> Ticket:
+        """First attempt: take a permit or a place in the tenant's queue.
 
-        Raises :class:`ApiError` 429 (with ``Retry-After``) when the queue is full.
+        Raises :class:`ApiError` 429 (with ``Retry-After``) when the queue, or the
+        tenant's own (``max_queued``), is full.
         """
-        result = await self.semaphore.acquire(request_id)
+        result = await self.semaphore.acquire(request_id, tenant)
+        retry = {"Retry-After": str(self.retry_after_seconds)}
         if result.status is AcquireStatus.REJECTED:
             raise ApiError(
                 429,
                 "too_many_requests",
                 f"all generators are busy and {result.position} requests are already waiting; retry later",
-                headers={"Retry-After": str(self.retry_after_seconds)},
+                headers=retry,
             )
-        return Ticket(self, request_id, result)
+        if result.status is AcquireStatus.TENANT_REJECTED:
+            raise ApiError(
+                429,
+                "tenant_queue_full",
+                f"tenant {tenant.name!r} already has {tenant.max_queued} requests waiting (its max_queued); retry later",
+                headers=retry,
+            )
+        return Ticket(self, request_id, tenant, result, quota)
 
     async def close(self) -> None:
         """Stop the release listener."""

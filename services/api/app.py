@@ -143,7 +143,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
 
     # The last middleware added runs first: CORS answers preflights (which carry no
     # key) before the key check, and its headers reach 401s too.
-    app.add_middleware(ApiKeyMiddleware, keys=keys)
+    app.add_middleware(ApiKeyMiddleware, keys=keys, tenants=chat_stream.generation.tenants)
     if settings.allowed_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -14,7 +14,7 @@ keeps OpenTelemetry from recording them even when header capture is turned on.
 
 Use in your own app::
 
-    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys.from_settings(settings))
+    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys.from_settings(settings), tenants=chat_stream.generation.tenants)
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from services.api.bearer import bearer_token
 from services.api.openai_compat import OPENAI_PREFIX, openai_error_body
 from services.api.settings import ApiSettings
+from services.api.tenants import Tenants
 
 logger = logging.getLogger(__name__)
 
@@ -114,17 +116,6 @@ class ApiKeys:
         return found
 
 
-def bearer_token(scope: Scope) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, if any."""
-    for name, value in scope.get("headers", []):
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return None
-    return None
-
-
 def is_public(path: str) -> bool:
     """Paths served without a key."""
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
@@ -137,16 +128,19 @@ class ApiKeyMiddleware:
     and disconnect detection pass through untouched.
     """
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys, tenants: Tenants | None = None) -> None:
         self.app = app
         self.keys = keys
+        self.tenants = tenants or Tenants()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled or is_public(scope["path"]):
+        # A tenant's keys are API keys too; once any key exists, a request without
+        # one could otherwise escape its tenant's caps as `default`.
+        if scope["type"] != "http" or is_public(scope["path"]) or not (self.keys.enabled or self.tenants.has_keys):
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope)
-        if token is not None and self.keys.verify(token):
+        if token is not None and (self.keys.verify(token) or self.tenants.knows(token)):
             await self.app(scope, receive, send)
             return
         await _unauthorized(scope["path"], send)

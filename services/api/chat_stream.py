@@ -126,7 +126,7 @@ class ChatStream:
                 raise ApiError(409, "nothing_to_regenerate", "regenerate needs a previous reply in this session")
             sampling = await self.generation_params.sampling(session_id)
             request_id = new_request_id()
-            ticket = await self.generation.admit(request_id)
+            ticket = await self.generation.admit(request_id, request)
         except ApiError as error:
             metrics.count_refused(error.status)
             return self._framer(request)[0].http_error(error)

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from arq.connections import ArqRedis
+from opentelemetry import trace
 from redis.exceptions import RedisError
 from starlette.requests import Request
 
+from services.api import metrics
 from services.api.admission import Admission, Ticket
+from services.api.bearer import bearer_token
 from services.api.drain import Drain
 from services.api.enqueue import JobQueue
 from services.api.errors import ApiError
@@ -32,7 +36,9 @@ from services.api.response import RelayResponse
 from services.api.resume import Backlog, Readers, RequestRecord
 from services.api.settings import ApiSettings
 from services.api.stream_reader import StreamReader
-from services.common.contract import ChatMessage, HistoryWindow, SamplingParams, stream_key
+from services.api.tenants import Tenant, Tenants
+from services.common.quota import TokenBudgets
+from services.common.contract import ChatMessage, HistoryWindow, Quota, SamplingParams, quota_key, stream_key
 from services.common.logs import request_id_var
 
 logger = logging.getLogger(__name__)
@@ -77,7 +83,10 @@ class GenerationService:
             queue_timeout=settings.queue_timeout_seconds,
             retry_after_seconds=settings.retry_after_seconds,
             follow_generators=settings.admission_follows_generators,
+            batch_every=settings.batch_every_grants,
         )
+        self.tenants = Tenants(settings.tenants_file or None)
+        self.budgets = TokenBudgets(redis)
         self.readers = Readers(redis, settings.resume_grace_seconds)
         self.drain = Drain()
         self._background: set[asyncio.Task[None]] = set()
@@ -95,17 +104,44 @@ class GenerationService:
         await self.admission.close()
         await self.reader.close()
 
-    async def admit(self, request_id: str) -> Ticket:
-        """First admission attempt, before any response starts: raises
-        :class:`ApiError` 429 when the wait queue is full, 503 when Redis is down or
-        this pod is shutting down."""
+    def tenant_of(self, request: Request) -> Tenant:
+        """The tenant a request belongs to, by its API key."""
+        return self.tenants.for_token(bearer_token(request.scope))
+
+    async def admit(self, request_id: str, request: Request) -> Ticket:
+        """First admission attempt, before any response starts, in the tenant of
+        ``request``: raises :class:`ApiError` 429 when the wait queue (or the
+        tenant's) is full, 503 when Redis is down or this pod is shutting down."""
         self.check_accepting()
+        tenant = self.tenant_of(request)
+        trace.get_current_span().set_attribute("chat.tenant", tenant.name)
+        quota = Quota(quota_key(tenant.name), tenant.tokens_per_minute) if tenant.tokens_per_minute else None
         try:
-            return await self.admission.enter(request_id)
+            if quota is not None:
+                await self._check_quota(tenant, quota)
+            return await self.admission.enter(request_id, tenant.share, quota)
+        except ApiError as error:
+            if error.status == 429:
+                reason = "queue_full" if error.code == "too_many_requests" else error.code
+                metrics.TENANT_REJECTIONS.labels(tenant=tenant.name, reason=reason).inc()
+            raise
         except RedisError:
             # Clients get a code and a generic message; the details go to the log only.
             logger.warning("admission of %s failed", request_id, exc_info=True)
             raise ApiError(503, "redis_unavailable", "admission control is unreachable") from None
+
+    async def _check_quota(self, tenant: Tenant, quota: Quota) -> None:
+        """:class:`ApiError` 429 ``tenant_quota_exceeded`` while the tenant has spent its
+        tokens per minute, with the exact second it may start again."""
+        wait = await self.budgets.retry_after(quota.key)
+        if wait > 0:
+            seconds = math.ceil(wait)
+            raise ApiError(
+                429,
+                "tenant_quota_exceeded",
+                f"tenant {tenant.name!r} has used its {quota.tokens_per_minute} tokens per minute; retry in {seconds} s",
+                headers={"Retry-After": str(seconds)},
+            )
 
     def check_accepting(self) -> None:
         """:class:`ApiError` 503 ``shutting_down`` once this pod drains. ``Connection:

@@ -350,6 +350,8 @@ class NewRequest(_Lifecycle):
                         notify_key=subscription.notify_key,
                         history=generation.history or HistoryWindow(),
                         readers_key=readers_key(self.request_id) if self.record is not None else "",
+                        quota=self.ticket.quota,
+                        tenant=self.ticket.tenant.name,
                     )
                 )
             except BaseException:

@@ -81,21 +81,45 @@ JOBS_QUEUED = Gauge(
     "Jobs in the generators' arq queue (waiting or running), cluster-wide; what autoscaling reads.",
     registry=REGISTRY,
 )
+TENANT_PERMITS_IN_USE = Gauge(
+    "chatstream_tenant_permits_in_use",
+    "Generation permits held, by tenant (its name in TENANTS_FILE, or default), cluster-wide.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+TENANT_QUEUE_DEPTH = Gauge(
+    "chatstream_tenant_queue_depth",
+    "Requests waiting for a permit, by tenant, cluster-wide.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+TENANT_REJECTIONS = Counter(
+    "chatstream_tenant_rejections_total",
+    "Requests refused before admission, by tenant and reason (queue_full, tenant_queue_full, tenant_quota_exceeded).",
+    ["tenant", "reason"],
+    registry=REGISTRY,
+)
 REDIS_UP = Gauge("chatstream_redis_up", "1 when Redis answered the last scrape.", registry=REGISTRY)
 
 
 async def metrics_response(redis: Redis, semaphore: RedisSemaphore) -> Response:
     """The Prometheus exposition, with the cluster-wide gauges refreshed from Redis."""
     try:
-        in_use, waiting = await semaphore.counts()
+        counts = await semaphore.tenant_counts()
         jobs = await redis.zcard(QUEUE_NAME)
     except RedisError:
         REDIS_UP.set(0)
     else:
         REDIS_UP.set(1)
-        PERMITS_IN_USE.set(in_use)
-        QUEUE_DEPTH.set(waiting)
+        PERMITS_IN_USE.set(counts.in_use)
+        QUEUE_DEPTH.set(counts.waiting)
         JOBS_QUEUED.set(jobs)
+        # Only the tenants that hold or wait now: an idle one's series goes, not stays at its last value.
+        TENANT_PERMITS_IN_USE.clear()
+        TENANT_QUEUE_DEPTH.clear()
+        for tenant, (held, queued) in counts.tenants.items():
+            TENANT_PERMITS_IN_USE.labels(tenant=tenant).set(held)
+            TENANT_QUEUE_DEPTH.labels(tenant=tenant).set(queued)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -338,7 +338,7 @@ class OpenAICompat:
             body = await read_body(request, self.settings.openai_max_body_bytes)
             completion = parse_completion_request(body)
             request_id = new_request_id()
-            ticket = await self.generation.admit(request_id)
+            ticket = await self.generation.admit(request_id, request)
         except ApiError as error:
             metrics.count_refused(error.status)
             return openai_error_response(error)

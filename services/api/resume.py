@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.requests import Request
 
+from services.api.bearer import bearer_token
 from services.api.errors import ApiError
 from services.common.contract import (
     CURSOR_PATTERN,
@@ -59,10 +60,6 @@ _REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 def owner_of(request: Request, session_id: str) -> str:
     """Who made ``request``, as a digest: its API key when it sent one (programmatic
     clients keep no cookie), else its session."""
-    # Imported here: auth imports the OpenAI routes, which import the lifecycle, which
-    # imports this module.
-    from services.api.auth import bearer_token
-
     token = bearer_token(request.scope)
     identity = f"key:{token}" if token else f"session:{session_id}"
     return hashlib.sha256(identity.encode()).hexdigest()

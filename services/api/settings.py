@@ -151,6 +151,15 @@ class ApiSettings(CommonSettings):
     api_keys_file: str = Field(
         "", description="File with more API keys, one per line (e.g. a mounted Kubernetes Secret); re-read when it changes."
     )
+    tenants_file: str = Field(
+        "",
+        description="YAML file of tenants (their API keys, weight, priority, max_concurrent, max_queued, tokens_per_minute; see README) that share the generation permits fairly; re-read when it changes. Empty: one default tenant.",
+    )
+    batch_every_grants: int = Field(
+        10,
+        ge=0,
+        description="While a batch tenant waits, at least every Nth permit goes to a batch request, so batch never starves (0 = batch waits until no interactive request does).",
+    )
     cors_allow_origins: str = Field(
         "",
         description="Comma-separated origins allowed to call the API from a browser (CORS), and to send cookie-authenticated POSTs (/chat_stream, /clear_context); empty = only the API's own origin, * = any.",
@@ -189,9 +198,10 @@ class ApiSettings(CommonSettings):
                 "ENVIRONMENT=production needs SESSION_SECRETS (or SESSION_SECRET) set to random values of at least "
                 f"{MIN_SESSION_SECRET_CHARS} characters (e.g. `openssl rand -hex 32`), not the development default"
             )
-        if not (self.api_keys.get_secret_value().strip() or self.api_keys_file) and not self.allow_anonymous:
+        keys = self.api_keys.get_secret_value().strip() or self.api_keys_file or self.tenants_file
+        if not keys and not self.allow_anonymous:
             raise ValueError(
-                "ENVIRONMENT=production needs API_KEYS or API_KEYS_FILE; set ALLOW_ANONYMOUS=true to let anyone "
+                "ENVIRONMENT=production needs API_KEYS, API_KEYS_FILE or TENANTS_FILE; set ALLOW_ANONYMOUS=true to let anyone "
                 "who reaches the API use it"
             )
         return self

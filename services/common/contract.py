@@ -86,6 +86,13 @@ def request_key(request_id: str) -> str:
     return f"{KEY_PREFIX}:request:{request_id}"
 
 
+def quota_key(tenant: str) -> str:
+    """A tenant's token budget (``tokens_per_minute``): the generator charges each
+    job's generated tokens to it, the API checks it before admitting a request
+    (``services.common.quota``)."""
+    return f"{KEY_PREFIX}:quota:{tenant}"
+
+
 def outcome_key(request_id: str) -> str:
     """Set once (``SET NX``) by the API pod that reports the request's end, so that
     of all the pods that served its connections exactly one fires the callback and
@@ -179,6 +186,15 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class Quota:
+    """The token budget a job's generated tokens are charged to, when it has one:
+    ``quota_key(tenant)`` and the tenant's ``tokens_per_minute``."""
+
+    key: str
+    tokens_per_minute: Annotated[int, Ge(1)]
+
+
+@dataclass(frozen=True)
 class HistoryWindow:
     """Which messages of a job are a conversation's history, and how much of it to keep.
 
@@ -216,6 +232,10 @@ class GenerationJob:
     #: ``readers_key(request_id)`` when the generation must stop once no client reads
     #: it any more (the key expired); '' to run until done or cancelled.
     readers_key: str = ""
+    #: The tenant's token budget its generated tokens count against; None: no quota.
+    quota: Quota | None = None
+    #: The name of the request's tenant (metrics and spans; never its key).
+    tenant: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form sent through arq (as JSON: see :func:`serialize_job`).
@@ -232,6 +252,8 @@ class GenerationJob:
             "notify_key": self.notify_key,
             "history": {"turns": self.history.turns, "max_tokens": self.history.max_tokens},
             "readers_key": self.readers_key,
+            "quota": None if self.quota is None else {"key": self.quota.key, "tokens_per_minute": self.quota.tokens_per_minute},
+            "tenant": self.tenant,
         }
 
 

@@ -1,4 +1,4 @@
-"""A distributed counting semaphore with leases and a bounded FIFO wait queue, in Redis.
+"""A distributed counting semaphore with leases and a bounded, fair wait queue, in Redis.
 
 Many API pods share one limit on concurrent generations. Every operation is one
 Lua script, so it is atomic, and every script reads the time from Redis
@@ -9,14 +9,36 @@ lease simply runs out. Each acquire returns a fencing token (a counter that only
 grows); the generator checks it before every write, so a holder whose lease
 expired during a long pause can no longer act as if it held the permit.
 
+Every request belongs to a tenant (:class:`TenantShare`; one ``default`` tenant
+when none are configured). Each tenant waits in a FIFO queue of its own; when
+permits are free, every acquire (whoever calls it) hands them to the heads of
+the queues, chosen by weighted fair queuing: each tenant has a virtual time that
+a grant advances by ``1 / weight``, and the waiting tenant with the smallest one
+goes next, so flooding tenants share the permits in proportion to their weights
+and an idle tenant's share goes to the others. A tenant that starts waiting again
+resumes at the current virtual time (``vclock``): idling earns no credit.
+``interactive`` tenants go before ``batch`` ones, except that a waiting batch
+tenant gets at least every ``batch_every``-th grant, so batch never starves. A
+tenant's ``max_concurrent`` (permits held) and ``max_queued`` (places in its
+queue) hold exactly, for the whole cluster. A waiter handed a permit holds it
+for what was left of its waiting lease, and for a full lease from its next poll:
+one that died meanwhile keeps it no longer than it would have kept its place.
+
 Keys (all under one name, see :class:`SemaphoreKeys`):
 
 * ``holders``  ZSET holder id → lease expiry (Redis time, seconds)
 * ``tokens``   HASH holder id → fencing token
 * ``fence``    counter of fencing tokens
-* ``queue``    ZSET waiter id → arrival number (FIFO order)
 * ``waiters``  ZSET waiter id → waiting-lease expiry
 * ``seq``      counter of arrival numbers
+* ``owner``    HASH holder or waiter id → tenant
+* ``inuse``    HASH tenant → permits held
+* ``tenants``  HASH tenant → "weight max_concurrent" (as its latest request said)
+* ``vtime``    HASH tenant → virtual time; ``vclock``: the virtual time of the latest grant
+* ``active:interactive``, ``active:batch``  ZSET waiting tenant → virtual time
+* ``activeweight``  HASH class → total weight of its waiting tenants
+* ``batchdebt``  grants to interactive tenants while a batch tenant waited
+* ``q:<tenant>``  ZSET waiter id → arrival number (that tenant's FIFO queue)
 * channel ``released``: published on every release, so waiters retry at once
 """
 
@@ -28,53 +50,197 @@ from enum import Enum
 from redis.asyncio import Redis
 
 from services.common.contract import KEY_PREFIX
-from services.common.lua import purge_expired, redis_now
+from services.common.lua import redis_now
 
-_PURGE = (
-    redis_now()
-    + purge_expired("KEYS[1]", "KEYS[2]", "HDEL")  # expired holders and their fencing tokens
-    + purge_expired("KEYS[5]", "KEYS[4]", "ZREM")  # waiters that stopped polling leave the queue
+#: Lua: forget holder ``id`` (already removed from ``holders``) in the tenant counts.
+#: Needs the keys table ``K`` (see ``_KEY_NAMES``).
+_DROP_HOLDER = """
+local function drop_holder(id)
+  redis.call('HDEL', K.tokens, id)
+  local tenant = redis.call('HGET', K.owner, id)
+  if tenant then
+    redis.call('HDEL', K.owner, id)
+    if redis.call('HINCRBY', K.inuse, tenant, -1) <= 0 then redis.call('HDEL', K.inuse, tenant) end
+  end
+end
+"""
+
+#: Lua: take waiter ``id`` out of its tenant's queue (and the tenant out of the
+#: waiting set when that was its last waiter). Needs ``K`` and ``queue_prefix``.
+_LEAVE_QUEUE = """
+local function leave_queue(id, keep_owner)
+  local tenant = redis.call('HGET', K.owner, id)
+  redis.call('ZREM', K.waiters, id)
+  if not tenant then return end
+  if not keep_owner then redis.call('HDEL', K.owner, id) end
+  local queue = queue_prefix .. tenant
+  if redis.call('ZREM', queue, id) == 1 and redis.call('ZCARD', queue) == 0 then
+    for _, class in ipairs({'interactive', 'batch'}) do
+      if redis.call('ZREM', K['active:' .. class], tenant) == 1 then
+        local weight = tonumber(string.match(redis.call('HGET', K.tenants, tenant) or '1', '^(%S+)'))
+        redis.call('HINCRBYFLOAT', K.activeweight, class, -weight)
+      end
+    end
+  end
+end
+"""
+
+#: The keys every script gets, in this order, as ``KEYS``; scripts name them ``K.<name>``.
+_KEY_NAMES = (
+    "holders", "tokens", "fence", "waiters", "seq", "owner", "inuse", "tenants", "vtime", "vclock",
+    "active:interactive", "active:batch", "activeweight", "batchdebt",
+)
+_KEYS_TABLE = "local K = {}\n" + "".join(
+    f"K[{name!r}] = KEYS[{i}]\n" for i, name in enumerate(_KEY_NAMES, start=1)
 )
 
-# KEYS: holders, tokens, fence, queue, waiters, seq, capacity members, capacity values
-# ARGV: id, limit, lease seconds, max waiting, '1' to cap the limit by the capacity
-# Returns {status, position or 0, fencing token or 0}; status 1 acquired, 2 waiting, 3 rejected.
-_ACQUIRE = _PURGE + """
-local id, limit, lease, max_waiting = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if ARGV[5] == '1' then
+_PURGE = redis_now() + """
+local expired = redis.call('ZRANGEBYSCORE', K.holders, '-inf', now)
+if #expired > 0 then
+  redis.call('ZREM', K.holders, unpack(expired))
+  for _, id in ipairs(expired) do drop_holder(id) end
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.waiters, '-inf', now)) do leave_queue(id) end
+"""
+
+_PRELUDE = _KEYS_TABLE + "local queue_prefix = ARGV[1]\n" + _DROP_HOLDER + _LEAVE_QUEUE + _PURGE
+
+# KEYS: _KEY_NAMES, then capacity members, capacity values.
+# ARGV: queue prefix, id, limit, lease seconds, max waiting, '1' to cap the limit by
+#   the capacity, tenant, weight, 'interactive' or 'batch', tenant's max concurrent
+#   (0 = no cap), tenant's max queued (0 = no cap), batch_every (0 = batch waits
+#   for interactive).
+# Returns {status, position or 0, fencing token or 0}; status 1 acquired, 2 waiting,
+#   3 rejected (the queue is full), 4 rejected (the tenant's queue is full).
+_ACQUIRE = _PRELUDE + """
+local id, limit, lease, max_waiting = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local tenant, weight, class = ARGV[7], tonumber(ARGV[8]), ARGV[9]
+local max_concurrent, max_queued, batch_every = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local n = #KEYS
+if ARGV[6] == '1' then
   local capacity = 0
-  for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '(' .. now, '+inf')) do
-    capacity = capacity + tonumber(redis.call('HGET', KEYS[8], member) or '1')
+  for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[n - 1], '(' .. now, '+inf')) do
+    capacity = capacity + tonumber(redis.call('HGET', KEYS[n], member) or '1')
   end
   if capacity < limit then limit = capacity end
 end
-local held = redis.call('ZSCORE', KEYS[1], id)
-if held then
-  return {1, 0, tonumber(redis.call('HGET', KEYS[2], id))}
+
+-- Held, or handed over while waiting: from now on, a full lease.
+local function held_token()
+  local held = redis.call('ZSCORE', K.holders, id)
+  if not held then return nil end
+  if tonumber(held) < now + lease then redis.call('ZADD', K.holders, 'XX', now + lease, id) end
+  return tonumber(redis.call('HGET', K.tokens, id))
 end
-local free = limit - redis.call('ZCARD', KEYS[1])
-local rank = redis.call('ZRANK', KEYS[4], id)
-if not rank then
-  local queued = redis.call('ZCARD', KEYS[4])
-  if queued >= free and queued >= max_waiting then
-    return {3, queued, 0}
+
+local token = held_token()
+if token then return {1, 0, token} end
+
+local function settings_of(name)
+  local weight_text, cap_text = string.match(redis.call('HGET', K.tenants, name) or '1 0', '^(%S+) (%S+)$')
+  return tonumber(weight_text), tonumber(cap_text)
+end
+
+-- The waiting tenant of `class` with the smallest virtual time that is under its cap.
+local function eligible(class)
+  local active = K['active:' .. class]
+  local start = 0
+  while true do
+    local names = redis.call('ZRANGE', active, start, start + 7)
+    if #names == 0 then return nil end
+    for _, name in ipairs(names) do
+      local _, cap = settings_of(name)
+      if cap == 0 or tonumber(redis.call('HGET', K.inuse, name) or '0') < cap then return name end
+    end
+    start = start + 8
   end
-  redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[6]), id)
-  rank = queued
 end
-if rank < free then
-  redis.call('ZREM', KEYS[4], id)
-  redis.call('ZREM', KEYS[5], id)
-  redis.call('ZADD', KEYS[1], now + lease, id)
-  local token = redis.call('INCR', KEYS[3])
-  redis.call('HSET', KEYS[2], id, token)
-  return {1, 0, token}
+
+local function grant(name, class)
+  local queue = queue_prefix .. name
+  local head = redis.call('ZRANGE', queue, 0, 0)[1]
+  local expiry = redis.call('ZSCORE', K.waiters, head) or (now + lease)
+  leave_queue(head, true)
+  redis.call('ZADD', K.holders, expiry, head)
+  redis.call('HSET', K.tokens, head, redis.call('INCR', K.fence))
+  redis.call('HINCRBY', K.inuse, name, 1)
+  local weight_of = settings_of(name)
+  local vt = tonumber(redis.call('HGET', K.vtime, name) or '0')
+  redis.call('SET', K.vclock, vt)
+  vt = vt + 1 / weight_of
+  redis.call('HSET', K.vtime, name, vt)
+  if redis.call('ZSCORE', K['active:' .. class], name) then
+    redis.call('ZADD', K['active:' .. class], 'XX', vt, name)
+  end
 end
-redis.call('ZADD', KEYS[5], now + lease, id)
-return {2, rank - free + 1, 0}
+
+local queue = queue_prefix .. tenant
+local rank = redis.call('ZRANK', queue, id)
+local arrived = false
+if not rank then
+  arrived = true
+  local queued_total, queued_here = redis.call('ZCARD', K.waiters), redis.call('ZCARD', queue)
+  if queued_here > 0 and redis.call('ZSCORE', K['active:' .. class], tenant) then
+    local old_weight = settings_of(tenant)  -- a reloaded file may have changed it
+    if old_weight ~= weight then redis.call('HINCRBYFLOAT', K.activeweight, class, weight - old_weight) end
+  end
+  redis.call('HSET', K.tenants, tenant, weight .. ' ' .. max_concurrent)
+  redis.call('HSET', K.owner, id, tenant)
+  redis.call('ZADD', queue, redis.call('INCR', K.seq), id)
+  redis.call('ZADD', K.waiters, now + lease, id)
+  if queued_here == 0 then
+    -- It starts waiting: at the current virtual time, or later if it is ahead.
+    local vt = math.max(tonumber(redis.call('HGET', K.vtime, tenant) or '0'),
+                        tonumber(redis.call('GET', K.vclock) or '0'))
+    redis.call('HSET', K.vtime, tenant, vt)
+    redis.call('ZADD', K['active:' .. class], vt, tenant)
+    redis.call('HINCRBYFLOAT', K.activeweight, class, weight)
+  end
+  rank = queued_here
+  if max_queued > 0 and queued_here >= max_queued then arrived = 4
+  elseif queued_total >= max_waiting then arrived = 3 end
+else
+  redis.call('ZADD', K.waiters, 'XX', now + lease, id)
+end
+
+-- Hand the free permits to the heads of the queues, fairly.
+local free = limit - redis.call('ZCARD', K.holders)
+while free > 0 do
+  local batch = eligible('batch')
+  local name, chosen = nil, nil
+  if batch and batch_every > 0 and tonumber(redis.call('GET', K.batchdebt) or '0') >= batch_every - 1 then
+    name, chosen = batch, 'batch'
+  else
+    name = eligible('interactive')
+    chosen = 'interactive'
+    if not name then name, chosen = batch, 'batch' end
+  end
+  if not name then break end
+  if chosen == 'batch' then
+    redis.call('DEL', K.batchdebt)
+  elseif batch then
+    redis.call('INCR', K.batchdebt)
+  end
+  grant(name, chosen)
+  free = free - 1
+end
+
+token = held_token()
+if token then return {1, 0, token} end
+if arrived == 3 or arrived == 4 then
+  leave_queue(id)
+  return {arrived, redis.call('ZCARD', K.waiters), 0}
+end
+-- About how many start before it: its own tenant's waiters ahead of it, and the
+-- others' in proportion to their weight (what fair queuing gives them meanwhile).
+rank = redis.call('ZRANK', queue, id)
+local others = tonumber(redis.call('HGET', K.activeweight, class) or '0') - weight
+local position = rank + 1 + math.floor((rank + 1) * math.max(others, 0) / weight)
+if class == 'batch' then position = redis.call('ZCARD', K.waiters) end  -- interactive ones go first
+return {2, math.max(1, math.min(position, redis.call('ZCARD', K.waiters))), 0}
 """
 
-# KEYS: holders, tokens; ARGV: id, lease seconds. Returns 1 renewed, 0 lease lost.
+# KEYS: holders; ARGV: id, lease seconds. Returns 1 renewed, 0 lease lost.
 _RENEW = redis_now() + """
 local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if (not expiry) or tonumber(expiry) <= now then
@@ -84,14 +250,18 @@ redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
 return 1
 """
 
-# KEYS: holders, tokens, queue, waiters; ARGV: id, channel. Returns 1 if it held a permit.
-_RELEASE = """
-local held = redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-local waited = redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-if held + waited > 0 then
-  redis.call('PUBLISH', ARGV[2], ARGV[1])
+# KEYS: _KEY_NAMES; ARGV: queue prefix, id, channel. Returns 1 if it held a permit.
+_RELEASE = _KEYS_TABLE + "local queue_prefix = ARGV[1]\n" + _DROP_HOLDER + _LEAVE_QUEUE + """
+local id = ARGV[2]
+local held = redis.call('ZREM', K.holders, id)
+local waited = redis.call('ZSCORE', K.waiters, id)
+if held == 1 then
+  drop_holder(id)
+elseif waited then
+  leave_queue(id)
+end
+if held == 1 or waited then
+  redis.call('PUBLISH', ARGV[3], id)
 end
 return held
 """
@@ -116,9 +286,24 @@ if lease_ok then return 1 end
 return 0
 """
 
-# KEYS: holders, tokens, fence, queue, waiters, seq; returns {holders in use, waiting}.
-_COUNTS = _PURGE + """
-return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[4])}
+# KEYS: _KEY_NAMES; ARGV: queue prefix. Returns {holders in use, waiting, [tenant,
+# permits held, waiting]...} for every tenant that holds or waits.
+_COUNTS = _PRELUDE + """
+local out = {redis.call('ZCARD', K.holders), redis.call('ZCARD', K.waiters)}
+local seen = {}
+local inuse = redis.call('HGETALL', K.inuse)
+for i = 1, #inuse, 2 do seen[inuse[i]] = tonumber(inuse[i + 1]) end
+for _, class in ipairs({'interactive', 'batch'}) do
+  for _, name in ipairs(redis.call('ZRANGE', K['active:' .. class], 0, -1)) do
+    seen[name] = seen[name] or 0
+  end
+end
+for name, held in pairs(seen) do
+  table.insert(out, name)
+  table.insert(out, held)
+  table.insert(out, redis.call('ZCARD', queue_prefix .. name))
+end
+return out
 """
 
 
@@ -141,20 +326,24 @@ class SemaphoreKeys:
         return self._key("tokens")
 
     @property
-    def fence(self) -> str:
-        return self._key("fence")
-
-    @property
-    def queue(self) -> str:
-        return self._key("queue")
-
-    @property
     def waiters(self) -> str:
         return self._key("waiters")
 
     @property
-    def seq(self) -> str:
-        return self._key("seq")
+    def owner(self) -> str:
+        return self._key("owner")
+
+    @property
+    def inuse(self) -> str:
+        return self._key("inuse")
+
+    def queue(self, tenant: str) -> str:
+        """A tenant's FIFO queue."""
+        return self.queue_prefix + tenant
+
+    @property
+    def queue_prefix(self) -> str:
+        return self._key("q:")
 
     @property
     def released_channel(self) -> str:
@@ -162,11 +351,35 @@ class SemaphoreKeys:
 
     @property
     def all(self) -> list[str]:
-        return [self.holders, self.tokens, self.fence, self.queue, self.waiters, self.seq]
+        """The keys every script gets (``_KEY_NAMES``); the tenants' queues come on top."""
+        return [self._key(name) for name in _KEY_NAMES]
 
 
 #: The semaphore that caps concurrent generations across the cluster.
 GENERATIONS = SemaphoreKeys("generations")
+
+
+class Priority(str, Enum):
+    """A tenant's class: interactive waiters start before batch ones."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+@dataclass(frozen=True)
+class TenantShare:
+    """What the semaphore knows of a request's tenant: its weight among the waiting
+    tenants, its class, and its cluster-wide caps (0 = none)."""
+
+    name: str = "default"
+    weight: float = 1.0
+    priority: Priority = Priority.INTERACTIVE
+    max_concurrent: int = 0
+    max_queued: int = 0
+
+
+#: Every request's tenant when no tenants are configured.
+DEFAULT_TENANT = TenantShare()
 
 
 class AcquireStatus(Enum):
@@ -174,12 +387,14 @@ class AcquireStatus(Enum):
 
     ACQUIRED = 1
     WAITING = 2
-    REJECTED = 3
+    REJECTED = 3  # the queue (all tenants') is full
+    TENANT_REJECTED = 4  # the tenant's own queue is full (``max_queued``)
 
 
 @dataclass(frozen=True)
 class AcquireResult:
-    """``position`` (1 = next) while waiting; ``fencing_token`` once acquired."""
+    """``position`` (1 = next; an estimate with several tenants) while waiting;
+    ``fencing_token`` once acquired; the queue length when rejected."""
 
     status: AcquireStatus
     position: int = 0
@@ -196,11 +411,21 @@ class Capacity:
     values: str
 
 
+@dataclass(frozen=True)
+class Counts:
+    """Permits in use and requests waiting, in all and per tenant (name → (held, waiting))."""
+
+    in_use: int
+    waiting: int
+    tenants: dict[str, tuple[int, int]]
+
+
 class RedisSemaphore:
     """Client side of the semaphore. One instance per process is enough.
 
     With ``capacity``, the effective limit is the smaller of ``limit`` and the total
     capacity of the live members, so permits follow the fleet as it scales.
+    ``batch_every``: a waiting batch tenant gets at least every so many grants.
     """
 
     def __init__(
@@ -211,46 +436,61 @@ class RedisSemaphore:
         lease_seconds: float,
         max_waiting: int,
         capacity: Capacity | None = None,
+        batch_every: int = 10,
     ) -> None:
         self.keys = keys
         self.capacity = capacity
         self.limit = limit
         self.lease_seconds = lease_seconds
         self.max_waiting = max_waiting
+        self.batch_every = batch_every
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
         self._valid = redis.register_script(_VALID)
         self._counts = redis.register_script(_COUNTS)
 
-    async def acquire(self, holder_id: str) -> AcquireResult:
-        """Take a permit, or join (or stay in) the wait queue, or be rejected when the
-        queue is full. Calling it again while waiting renews the waiting lease and
-        acquires when the caller has reached the front and a permit is free."""
+    async def acquire(self, holder_id: str, tenant: TenantShare = DEFAULT_TENANT) -> AcquireResult:
+        """Take a permit, or join (or stay in) the tenant's wait queue, or be rejected
+        when the queue is full. Calling it again while waiting renews the waiting
+        lease and acquires when the tenant's turn has come and a permit is free (or
+        finds that another call handed it one)."""
         capacity_keys = [self.capacity.members, self.capacity.values] if self.capacity else [self.keys.holders] * 2
         status, position, token = await self._acquire(
             keys=[*self.keys.all, *capacity_keys],
-            args=[holder_id, self.limit, self.lease_seconds, self.max_waiting, "1" if self.capacity else "0"],
+            args=[
+                self.keys.queue_prefix, holder_id, self.limit, self.lease_seconds, self.max_waiting,
+                "1" if self.capacity else "0", tenant.name, repr(float(tenant.weight)), tenant.priority.value,
+                tenant.max_concurrent, tenant.max_queued, self.batch_every,
+            ],
         )
         return AcquireResult(AcquireStatus(int(status)), int(position), int(token))
 
     async def renew(self, holder_id: str) -> bool:
         """Extend a held permit's lease; False when it had already expired (lost)."""
-        return bool(await self._renew(keys=[self.keys.holders, self.keys.tokens], args=[holder_id, self.lease_seconds]))
+        return bool(await self._renew(keys=[self.keys.holders], args=[holder_id, self.lease_seconds]))
 
     async def release(self, holder_id: str) -> bool:
         """Give back a permit or a queue place; True when a permit was held."""
         return bool(
             await self._release(
-                keys=[self.keys.holders, self.keys.tokens, self.keys.queue, self.keys.waiters],
-                args=[holder_id, self.keys.released_channel],
+                keys=self.keys.all, args=[self.keys.queue_prefix, holder_id, self.keys.released_channel]
             )
         )
 
     async def counts(self) -> tuple[int, int]:
         """(permits in use, requests waiting), after purging expired entries."""
-        in_use, waiting = await self._counts(keys=self.keys.all)
-        return int(in_use), int(waiting)
+        counts = await self.tenant_counts()
+        return counts.in_use, counts.waiting
+
+    async def tenant_counts(self) -> Counts:
+        """The counts, in all and per tenant, after purging expired entries."""
+        in_use, waiting, *rest = await self._counts(keys=self.keys.all, args=[self.keys.queue_prefix])
+        tenants = {
+            (name.decode() if isinstance(name, bytes) else name): (int(held), int(queued))
+            for name, held, queued in zip(rest[::3], rest[1::3], rest[2::3])
+        }
+        return Counts(int(in_use), int(waiting), tenants)
 
 
 async def lease_is_valid(redis: Redis, keys: SemaphoreKeys, holder_id: str, fencing_token: int) -> bool:
@@ -268,11 +508,14 @@ redis.call('ZADD', KEYS[1], 'XX', lease_now + tonumber(ARGV[3]), ARGV[1])
 return 1
 """
 
-# KEYS: holders, tokens; ARGV: id, token, channel. Returns 1 released, 0 not held.
+# KEYS: holders, tokens, owner, inuse (what the generator may touch); ARGV: id, token,
+# channel. Returns 1 released, 0 not held.
 _RELEASE_FENCED = """
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
+local K = {holders = KEYS[1], tokens = KEYS[2], owner = KEYS[3], inuse = KEYS[4]}
+""" + _DROP_HOLDER + """
+if redis.call('HGET', K.tokens, ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('ZREM', K.holders, ARGV[1])
+drop_holder(ARGV[1])
 redis.call('PUBLISH', ARGV[3], ARGV[1])
 return 1
 """
@@ -297,6 +540,7 @@ class FencedLease:
         """Give the permit back (waiters retry at once); False when it was not held."""
         return bool(
             await self._release(
-                keys=[self._keys.holders, self._keys.tokens], args=[*self._args, self._keys.released_channel]
+                keys=[self._keys.holders, self._keys.tokens, self._keys.owner, self._keys.inuse],
+                args=[*self._args, self._keys.released_channel],
             )
         )

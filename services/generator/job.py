@@ -22,6 +22,7 @@ from services.common.logs import request_id_var
 from services.common.telemetry import extract_context
 from services.generator import metrics
 from services.generator.engine import Engine, Generation, GenerationError, ResolvedSampling
+from services.common.quota import TokenBudgets
 from services.common.semaphore import FencedLease
 from services.generator.publisher import FencedWriter, LeaseLost, StreamPublisher
 from services.generator.settings import GeneratorSettings
@@ -40,6 +41,7 @@ class JobRunner:
         # One writer for every job of this process: the tokens of concurrent jobs
         # (a batch's decode step) share script calls.
         self._writer = FencedWriter(redis)
+        self._budgets = TokenBudgets(redis)
 
     async def run(self, job: GenerationJob) -> str:
         """Generate the reply to ``job`` into its stream; returns the finish reason
@@ -115,6 +117,7 @@ class JobRunner:
     ) -> StreamEvent:
         sampling = ResolvedSampling.resolve(job.sampling, self._settings)
         started = time.perf_counter()
+        generation: Generation | None = None
         try:
             generation = self._engine.start(job.messages, sampling, cancel, job.history)
             produced = _Deltas()
@@ -157,6 +160,13 @@ class JobRunner:
             span.set_status(Status(StatusCode.ERROR, str(exc)))
             # The exception's text (paths, device errors) stays in the log and the trace.
             return StreamEvent(EventType.ERROR, code="generation_failed", message="generation failed")
+        finally:
+            # Before the terminal entry: the tenant's next request, admitted once the API
+            # reads it, finds these tokens counted. Cut-short generations count too.
+            if generation is not None:
+                metrics.TENANT_TOKENS.labels(tenant=job.tenant or "default").inc(generation.completion_tokens)
+                if job.quota is not None:
+                    await self._charge(job, generation.completion_tokens)
         if first_token_at is not None:
             span.set_attribute("chat.time_to_first_token_ms", (first_token_at - started) * 1000)
         span.set_attribute("gen_ai.usage.input_tokens", generation.prompt_tokens)
@@ -170,6 +180,13 @@ class JobRunner:
             completion_tokens=generation.completion_tokens,
             history_turns=generation.history_turns,
         )
+
+    async def _charge(self, job: GenerationJob, tokens: int) -> None:
+        assert job.quota is not None
+        try:
+            await self._budgets.charge(job.quota.key, tokens, job.quota.tokens_per_minute)
+        except Exception:
+            logger.warning("charging %d tokens of %s to its tenant's quota failed", tokens, job.request_id, exc_info=True)
 
     @staticmethod
     async def _produce(generation: Generation, produced: _Deltas, span: trace.Span, started: float) -> float | None:

@@ -9,6 +9,12 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 TOKENS_GENERATED = Counter(
     "chatstream_generator_tokens_generated_total", "Text deltas generated and published.", registry=REGISTRY
 )
+TENANT_TOKENS = Counter(
+    "chatstream_generator_tenant_tokens_total",
+    "Tokens generated, by the request's tenant (its name in TENANTS_FILE, or default).",
+    ["tenant"],
+    registry=REGISTRY,
+)
 TIME_PER_TOKEN = Histogram(
     "chatstream_generator_time_per_token_seconds",
     "Time between two consecutive tokens of one generation (decode step as the client will see it).",

@@ -54,13 +54,14 @@ async def stream_chat(
     *,
     sse: bool = False,
     stop_after_chunks: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> StreamedReply:
     """POST a chat request and read the streamed reply chunk by chunk.
 
     ``stop_after_chunks`` closes the connection after that many chunks, like a
     user closing the tab mid-reply.
     """
-    headers = {"accept": "text/event-stream"} if sse else {}
+    headers = {**({"accept": "text/event-stream"} if sse else {}), **(headers or {})}
     started = time.monotonic()
     async with client.stream("POST", path, json=payload, headers=headers) as response:
         reply = StreamedReply(response.status_code, response.headers, started=started)
