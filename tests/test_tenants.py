@@ -126,6 +126,10 @@ tenants:
   metered:
     keys: [k-metered]
     tokens_per_minute: 1200
+  narrow:
+    keys: [k-narrow]
+    max_concurrent: 1
+    max_queued: 2
 """
 
 
@@ -277,3 +281,53 @@ def test_the_readme_example_is_a_valid_file():
     tenants, default = parse_tenants(block)
     assert set(tenants) == {"search", "batch-jobs"} and default.share.weight == 1
     assert tenants["search"].key_digests == {key_digest("sk-search-1"), key_digest("test")}
+
+
+async def test_a_tenant_over_its_max_queued_gets_429_and_the_metrics_show_each_tenant(stack, tmp_path):
+    stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="60", GENERATOR_SLOTS="4"))
+    api = stack.api(tenant_env(tmp_path, MAX_CONCURRENT_GENERATIONS="4"))
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as client:
+        narrow = [
+            asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "n"}, sse=True, headers=auth("k-narrow")))
+            for _ in range(3)
+        ]
+        await stack_wait(lambda: stack.redis.zcard(GENERATIONS.queue("narrow")) == 2, 10)
+        refused = await client.post("/chat_stream", json={"user_input": "n"}, headers=auth("k-narrow"))
+        assert refused.status_code == 429 and refused.json()["error"] == "tenant_queue_full"
+        assert refused.headers["retry-after"] == "2"
+        openai = await client.post(
+            "/v1/chat/completions", json={"model": "default", "messages": [{"role": "user", "content": "n"}]}, headers=auth("k-narrow")
+        )
+        assert openai.status_code == 429 and openai.json()["error"]["code"] == "tenant_queue_full"
+        # Permits are free for everyone else meanwhile.
+        light = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "l"}, headers=auth("k-light")))
+        await stack_wait(lambda: stack.redis.hget(GENERATIONS.inuse, "light") == b"1", 10)
+        metrics_text = (await client.get("/metrics")).text
+        assert 'chatstream_tenant_permits_in_use{tenant="narrow"} 1.0' in metrics_text
+        assert 'chatstream_tenant_queue_depth{tenant="narrow"} 2.0' in metrics_text
+        assert 'chatstream_tenant_permits_in_use{tenant="light"} 1.0' in metrics_text
+        assert 'chatstream_tenant_rejections_total{reason="tenant_queue_full",tenant="narrow"} 2.0' in metrics_text
+        for task in narrow:
+            task.cancel()
+        assert (await light).status == 200
+
+
+def test_an_api_pod_with_a_bad_tenants_file_refuses_to_start_and_says_where(redis_server, tmp_path):
+    from tests.support.processes import free_port
+    from tests.test_auth import start_api
+
+    bad = tmp_path / "tenants.yaml"
+    bad.write_text("tenants:\n  a:\n    keys: [sk-secret-1]\n  b:\n    keys: [sk-secret-1]\n")
+    proc = start_api({"TENANTS_FILE": str(bad), "REDIS_URL": redis_server.url, "API_PORT": str(free_port())})
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 2, output
+    assert "refusing to start" in output and "tenants.b.keys[0] is listed twice (also under tenants.a)" in output
+    assert "sk-secret-1" not in output and "Traceback" not in output
+
+
+async def test_with_tenant_keys_every_request_needs_a_key(stack, tmp_path):
+    api = stack.api(tenant_env(tmp_path))
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+        assert (await client.post("/chat_stream", json={"user_input": "x"})).status_code == 401
+        assert (await client.post("/chat_stream", json={"user_input": "x"}, headers=auth("k-wrong"))).status_code == 401
+        assert (await client.get("/load", headers=auth("k-light"))).status_code == 200

@@ -57,6 +57,8 @@ async def test_one_trace_spans_api_and_generator_and_continues_the_callers_trace
     assert enqueue.parent_span_id == server.span_id
     assert generate.attributes["chat.request_id"] == reply.request_id
     assert generate.attributes["gen_ai.usage.output_tokens"] > 0
+    # The tenant, by name (no TENANTS_FILE here: everyone is `default`), on both sides.
+    assert server.attributes["chat.tenant"] == generate.attributes["chat.tenant"] == "default"
     assert "first_token" in generate.events
 
 

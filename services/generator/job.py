@@ -53,6 +53,7 @@ class JobRunner:
             request_id_var.set(job.request_id)
             span.set_attribute("chat.request_id", job.request_id)
             span.set_attribute("chat.worker", self._settings.worker_id)
+            span.set_attribute("chat.tenant", job.tenant or "default")
             span.set_attribute("gen_ai.request.model", self._engine.model_id)
             if job.lease is not None:
                 span.set_attribute("chat.fencing_token", job.lease.fencing_token)
