@@ -306,8 +306,8 @@ class NewRequest(_Lifecycle):
             async with service.redis.pipeline(transaction=False) as pipe:
                 pipe.hset(request_key(self.request_id), mapping=self.record.fields())  # type: ignore[union-attr]
                 pipe.expire(request_key(self.request_id), service.record_ttl_seconds)
+                service.readers.attach_in(pipe, self.request_id)
                 await pipe.execute()
-            await service.readers.attach(self.request_id)
         except RedisError:
             logger.warning("registering %s failed", self.request_id, exc_info=True)
             raise StreamFailed("redis_unavailable", "the request store is unreachable") from None

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 from starlette.requests import Request
 
@@ -182,8 +183,15 @@ class Readers:
 
     async def attach(self, request_id: str) -> None:
         """A client of this process reads the stream (it may have been left before)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            self.attach_in(pipe, request_id)
+            await pipe.execute()
+
+    def attach_in(self, pipe: Pipeline, request_id: str) -> None:
+        """:meth:`attach`, its write queued in ``pipe`` for the caller to send with
+        others (a new request's record): one round trip for both."""
         self._attached[request_id] = self._attached.get(request_id, 0) + 1
-        await self._redis.set(readers_key(request_id), b"1", px=self._ttl_ms)
+        pipe.set(readers_key(request_id), b"1", px=self._ttl_ms)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._refresh(), name="readers-refresh")
 
