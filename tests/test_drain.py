@@ -22,10 +22,10 @@ import httpx
 
 from services.common.contract import readers_key, stream_key
 from services.common.semaphore import GENERATIONS
-from tests.conftest import synthetic_generator_env
+from tests.conftest import synthetic_generator_env, synthetic_reply
 from tests.support.client import StreamedReply, scrape, stream_chat
 from tests.support.processes import eventually, free_port
-from tests.test_resume import SEED_APP, SSE, exchanges, expected_reply, read_sse, token_text
+from tests.test_resume import SEED_APP, SSE, exchanges, read_sse, token_text
 
 
 async def _read_until_closed(client: httpx.AsyncClient, method: str, url: str, **kwargs) -> StreamedReply:
@@ -76,12 +76,12 @@ async def test_sigterm_fails_readiness_at_once_and_hands_sse_streams_to_another_
         )
         assert resumed.status == 200, resumed.text
         assert rest[-1][0] == "done"
-        assert token_text(events) + token_text(rest) == expected_reply(text, 60)
+        assert token_text(events) + token_text(rest) == synthetic_reply(text, 60)
 
         finished = await asyncio.wait_for(plain, 10)
         await plain_client.aclose()
         assert finished.status == 200 and finished.error is None
-        assert finished.text == expected_reply("one two", 60)
+        assert finished.text == synthetic_reply("one two", 60)
     assert_exited_cleanly(stopping)
     assert "draining (SIGTERM)" in stopping.log()
 
@@ -164,7 +164,7 @@ async def test_a_client_that_stops_reading_is_disconnected_and_resumes_the_whole
             client, "GET", f"/chat_stream/{request_id}", headers={"last-event-id": events[-1][2]}
         )
     assert resumed.status == 200 and rest[-1][0] == "done"
-    assert token_text(events) + token_text(rest) == expected_reply(text, tokens)
+    assert token_text(events) + token_text(rest) == synthetic_reply(text, tokens)
     assert "took nothing for 1s" in api.log()
 
 

@@ -21,7 +21,7 @@ import httpx
 from services.common.contract import session_key
 from services.common.semaphore import GENERATIONS
 from tests.apps.seed_app import EXCHANGES_KEY
-from tests.conftest import synthetic_generator_env
+from tests.conftest import synthetic_generator_env, synthetic_reply
 from tests.support.client import StreamedReply
 from tests.support.processes import eventually
 
@@ -32,12 +32,6 @@ SSE = {"accept": "text/event-stream"}
 def cursor_key(cursor: str) -> tuple[int, int]:
     ms, seq = cursor.split("-")
     return int(ms), int(seq)
-
-
-def expected_reply(text: str, tokens: int) -> str:
-    """The synthetic generator's reply: the input's words, repeated to ``tokens`` words."""
-    words = text.split()
-    return " ".join(words[i % len(words)] for i in range(tokens))
 
 
 async def read_sse(
@@ -110,7 +104,7 @@ async def test_a_stream_resumes_on_another_pod_right_after_the_last_event_seen(s
     assert cursor_key(rest[0][2]) > cursor_key(last)
     cursors = [cursor_key(c) for _, _, c in seen + rest]
     assert cursors == sorted(set(cursors))
-    assert token_text(seen) + token_text(rest) == expected_reply(text, 60)
+    assert token_text(seen) + token_text(rest) == synthetic_reply(text, 60)
 
     # Exactly one callback, by the pod that saw the end, with the whole reply; one turn.
     await eventually(lambda: exchanges(stack), 10, "the callback")
@@ -118,10 +112,10 @@ async def test_a_stream_resumes_on_another_pod_right_after_the_last_event_seen(s
     [chat] = exchanges(stack)
     assert chat["message"] == "success" and chat["request_id"] == request_id
     assert chat["path"] == f"/chat_stream/{request_id}"
-    assert chat["reply"] == expected_reply(text, 60) and chat["user_input"] == text
+    assert chat["reply"] == synthetic_reply(text, 60) and chat["user_input"] == text
     [session] = stack.redis.keys(session_key("*"))
     assert stack.redis.llen(session) == 1
-    assert json.loads(stack.redis.lindex(session, 0))["assistant"] == expected_reply(text, 60)
+    assert json.loads(stack.redis.lindex(session, 0))["assistant"] == synthetic_reply(text, 60)
 
 
 async def test_replay_from_the_start_and_until_the_retention_ends(stack):
@@ -199,7 +193,7 @@ async def test_a_plain_text_reply_resumes_at_a_byte_offset(stack):
                     break
         rest = await client.get(f"/chat_stream/{request_id}", params={"offset": len(received)})
     assert rest.status_code == 200 and rest.headers["content-type"].startswith("text/plain")
-    assert (received + rest.content).decode() == expected_reply(text, 40)
+    assert (received + rest.content).decode() == synthetic_reply(text, 40)
 
 
 async def test_a_client_that_does_not_come_back_stops_the_generation_after_the_grace(stack):
@@ -243,8 +237,8 @@ async def test_a_killed_api_pod_does_not_stop_the_generation_and_the_client_resu
             client, "GET", f"{survivor.base_url}/chat_stream/{before.request_id}", headers={"last-event-id": last}
         )
     assert rest[-1][0] == "done"
-    assert token_text(seen) + token_text(rest) == expected_reply(text, 150)
+    assert token_text(seen) + token_text(rest) == synthetic_reply(text, 150)
     await eventually(lambda: exchanges(stack), 10, "the callback")
     [chat] = exchanges(stack)
-    assert chat["message"] == "success" and chat["reply"] == expected_reply(text, 150)
+    assert chat["message"] == "success" and chat["reply"] == synthetic_reply(text, 150)
     await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) == 0, 3, "the permit to return")
