@@ -216,6 +216,29 @@ async def test_a_client_that_does_not_come_back_stops_the_generation_after_the_g
     assert chat["message"] == "client_disconnected_while_streaming" and chat["request_id"] == request_id
 
 
+async def test_the_requester_can_stop_a_generation_at_once_and_nobody_else_can(stack):
+    generator = stack.generator(synthetic_generator_env(tokens_per_second=25, MAX_NEW_TOKENS="500"))
+    api = stack.api(app=SEED_APP)  # the default grace: 10 s
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+        before, _ = await read_sse(client, "POST", "/chat_stream_callback", json={"user_input": "go on"}, stop_after_tokens=3)
+        request_id = before.request_id
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as stranger:
+            assert (await stranger.delete(f"/chat_stream/{request_id}")).status_code == 404
+        assert (await client.delete("/chat_stream/not-an-id")).status_code == 404
+        await asyncio.sleep(0.5)
+        assert f"request {request_id} stopping" not in generator.log()  # the stranger stopped nothing
+        stopped_at = time.monotonic()
+        cancelled = await client.delete(f"/chat_stream/{request_id}")
+        assert cancelled.status_code == 204 and cancelled.headers["x-request-id"] == request_id
+        await eventually(lambda: f"request {request_id} stopping: cancelled" in generator.log(), 2, "the generation to stop")
+        await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) == 0, 2, "the permit to return")
+        assert time.monotonic() - stopped_at < 1.5, "well within the 10 s grace"
+        assert (await client.delete(f"/chat_stream/{request_id}")).status_code == 204  # again: still 204
+    await eventually(lambda: exchanges(stack), 12, "the callback")
+    [chat] = exchanges(stack)
+    assert chat["request_id"] == request_id and chat["message"] == "client_disconnected_while_streaming"
+
+
 async def test_a_killed_api_pod_does_not_stop_the_generation_and_the_client_resumes_elsewhere(stack):
     stack.generator(synthetic_generator_env(tokens_per_second=25, MAX_NEW_TOKENS="150"))
     env = {"RESUME_GRACE_SECONDS": "10", "LEASE_SECONDS": "1.5"}

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,6 +150,25 @@ def test_page_shows_the_queue_position_while_waiting(stack, page):
         assert last_reply(page).startswith("hello queue hello queue")
     finally:
         busy.join(30)
+
+
+def test_page_stop_stops_the_generation_at_once_not_after_the_grace(stack, page):
+    generator = stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="400"))
+    api = stack.api()  # RESUME_GRACE_SECONDS: 10
+    page.goto(api.base_url + "/")
+    send(page, "stop me")
+    deadline = time.monotonic() + 10
+    while len(last_reply(page)) < 10:  # a few tokens shown
+        assert time.monotonic() < deadline, "no reply"
+        time.sleep(0.05)
+    stopped_at = time.monotonic()
+    page.click("#stop")
+    page.wait_for_selector("#status:has-text('Stopped.')", timeout=5_000)
+    deadline = time.monotonic() + 3
+    while "stopping: cancelled" not in generator.log():
+        assert time.monotonic() < deadline, "the generation went on after Stop"
+        time.sleep(0.05)
+    assert time.monotonic() - stopped_at < 3
 
 
 def test_page_shows_errors_clearly(stack, page):

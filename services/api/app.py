@@ -99,6 +99,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     async def resume_route(request: Request, request_id: str) -> Response:
         return await chat_stream.handle_resume_request(request, request_id)
 
+    @app.delete("/chat_stream/{request_id}", status_code=204)
+    async def cancel_route(request: Request, request_id: str) -> Response:
+        return await chat_stream.handle_cancel_request(request, request_id)
+
     @app.post("/clear_context")
     async def clear_context(request: Request) -> Response:
         return await chat_stream.clear_context(request)

@@ -16,7 +16,6 @@ record the exchange, release the permit and fire the callback (``outcome``).
 
 from __future__ import annotations
 
-import hmac
 import logging
 
 from arq.connections import ArqRedis
@@ -182,8 +181,8 @@ class ChatStream:
             offset = parse_offset(request)
             session_id, _ = self.sessions.session_id(request)
             try:
-                record, entries = await RequestRecord.load(self.redis, request_id)
-                if record is None or not hmac.compare_digest(record.owner, owner_of(request, session_id)):
+                record, entries = await RequestRecord.load_with_entries(self.redis, request_id)
+                if record is None or not record.is_owner(request, session_id):
                     raise not_found()
                 if not entries and not await self.generation.awaits_generator(request_id):
                     raise not_found()  # its retention is over
@@ -212,6 +211,28 @@ class ChatStream:
             on_reply=self._turn_recorder(record, request_id),
             callback=callback,
         )
+
+    async def handle_cancel_request(self, request: Request, request_id: str) -> Response:
+        """Stop a request's generation now (``DELETE /chat_stream/{request_id}``): what
+        the chat page's Stop button sends, since a started generation otherwise goes
+        on for ``RESUME_GRACE_SECONDS`` after its client left, in case it comes back.
+        Only its requester may (404 for anyone else, as for an unknown request); 204,
+        also for a request that has ended already. The connection relaying it, if any,
+        ends with the generation and reports it (``cancelled``)."""
+        try:
+            check_request_id(request_id)
+            session_id, _ = self.sessions.session_id(request)
+            try:
+                record = await RequestRecord.load(self.redis, request_id)
+                if record is None or not record.is_owner(request, session_id):
+                    raise not_found()
+                await self.generation.queue.withdraw(request_id)
+            except RedisError:
+                logger.warning("cancelling %s failed", request_id, exc_info=True)
+                raise ApiError(503, "redis_unavailable", "the request store is unreachable") from None
+        except ApiError as error:
+            return error.to_response()
+        return Response(status_code=204, headers={REQUEST_ID_HEADER: request_id})
 
     @staticmethod
     def _stream_headers(framer: Framer, sse: bool, request_id: str) -> list[tuple[bytes, bytes]]:

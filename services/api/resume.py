@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import re
 import time
@@ -114,18 +115,35 @@ class RequestRecord:
         }
 
     @classmethod
-    async def load(cls, redis: Redis, request_id: str) -> tuple[RequestRecord | None, Entries]:
-        """The record (None when the request is unknown or expired) and every entry of
-        its stream so far, in one round trip: a resumed client's first events are
-        those already written, sent without waiting for a read of the stream."""
+    async def load(cls, redis: Redis, request_id: str) -> RequestRecord | None:
+        """The record, or None when the request is unknown or expired."""
+        return cls._parse(await redis.hmget(request_key(request_id), _RECORD_FIELDS))
+
+    @classmethod
+    async def load_with_entries(cls, redis: Redis, request_id: str) -> tuple[RequestRecord | None, Entries]:
+        """The record and every entry of its stream so far, in one round trip: a
+        resumed client's first events are those already written, sent without
+        waiting for a read of the stream."""
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(request_key(request_id), ["owner", "session_id", "user_input", "regenerate"])
+            pipe.hmget(request_key(request_id), _RECORD_FIELDS)
             pipe.xrange(stream_key(request_id), "-", "+")
-            (owner, session_id, user_input, regenerate), entries = await pipe.execute()
+            values, entries = await pipe.execute()
+        record = cls._parse(values)
+        return record, entries if record is not None else []
+
+    @classmethod
+    def _parse(cls, values: list[bytes | None]) -> RequestRecord | None:
+        owner, session_id, user_input, regenerate = values
         if owner is None:
-            return None, []
-        record = cls(owner.decode(), (session_id or b"").decode(), (user_input or b"").decode(), bool(regenerate))
-        return record, entries
+            return None
+        return cls(owner.decode(), (session_id or b"").decode(), (user_input or b"").decode(), bool(regenerate))
+
+    def is_owner(self, request: Request, session_id: str) -> bool:
+        """Whether ``request`` comes from who made this one (constant time)."""
+        return hmac.compare_digest(self.owner, owner_of(request, session_id))
+
+
+_RECORD_FIELDS = ["owner", "session_id", "user_input", "regenerate"]
 
 
 #: A stream's entries as redis-py reads them: (entry id, fields).

@@ -17,6 +17,7 @@ import json
 
 import redis
 from fastapi import FastAPI, Request
+from starlette.responses import Response
 
 from services.api import ChatStream
 from services.api.openai_compat import OpenAICompat, add_openai_routes
@@ -65,6 +66,11 @@ async def stream_api_callback(request: Request):
 async def resume_api(request: Request, request_id: str):
     # Resuming takes the same callback: whichever connection sees the end fires it, once.
     return await chat_stream.handle_resume_request(request, request_id, callback=callback_func)
+
+
+@app.delete("/chat_stream/{request_id}")
+async def cancel(request: Request, request_id: str) -> Response:
+    return await chat_stream.handle_cancel_request(request, request_id)
 
 
 @app.post("/generation_params")

@@ -26,6 +26,7 @@
   let loadTimer = 0; // the next GET /load
   let loadInFlight = false;
   let controller = null; // aborts the reply in flight
+  let streamingId = ""; // its X-Request-ID, once known: Stop also stops its generation
   let lastReply = null; // the last assistant bubble, replaced by Regenerate
   let afterKey = null; // what to retry once the user has entered an API key
 
@@ -272,7 +273,8 @@
         showError(bubble, await errorText(response));
         return;
       }
-      const reply = new Reply(bubble, response.headers.get("X-Request-ID") || "", controller.signal);
+      streamingId = response.headers.get("X-Request-ID") || "";
+      const reply = new Reply(bubble, streamingId, controller.signal);
       await reply.follow(response);
       succeeded = reply.succeeded;
     } catch (error) {
@@ -281,6 +283,7 @@
     } finally {
       bubble.classList.remove("streaming");
       controller = null;
+      streamingId = "";
       setBusy(false);
       // Only a finished reply is recorded on the server, so only it can be regenerated.
       ui.regenerate.disabled = !succeeded;
@@ -326,7 +329,14 @@
     if (lastReply && !controller) generate({ user_input: "", regenerate: true }, lastReply);
   });
 
-  ui.stop.addEventListener("click", () => controller?.abort());
+  // Leaving alone would keep the generation going for the server's resume grace.
+  ui.stop.addEventListener("click", () => {
+    if (streamingId) {
+      fetch(`/chat_stream/${encodeURIComponent(streamingId)}`, { method: "DELETE", headers: headers({}), credentials: "same-origin" })
+        .catch(() => {}); // best effort: the grace ends it anyway
+    }
+    controller?.abort();
+  });
   ui.clear.addEventListener("click", clearConversation);
 
   function setSettingsStatus(text, isError = false) {
