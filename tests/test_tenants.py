@@ -248,7 +248,7 @@ async def test_max_concurrent_holds_across_two_pods_and_a_killed_pods_permits_co
 
 
 async def test_a_tenant_over_its_tokens_per_minute_gets_429_with_the_exact_retry_after(stack, tmp_path):
-    stack.generator(synthetic_generator_env(tokens_per_second=5000, MAX_NEW_TOKENS="1300"))
+    generator = stack.generator(synthetic_generator_env(tokens_per_second=5000, MAX_NEW_TOKENS="1300"))
     api = stack.api(tenant_env(tmp_path))
     async with httpx.AsyncClient(base_url=api.base_url, timeout=60) as client:
         # 1,300 tokens against 1,200 a minute: 65 s of budget, 5 s past the minute allowed at once.
@@ -273,6 +273,10 @@ async def test_a_tenant_over_its_tokens_per_minute_gets_429_with_the_exact_retry
         assert (await stream_chat(client, "/chat_stream", {"user_input": "more"}, headers=auth("k-metered"))).status == 200
     metrics_text = (await httpx.AsyncClient().get(f"{api.base_url}/metrics")).text
     assert 'chatstream_tenant_rejections_total{reason="tenant_quota_exceeded",tenant="metered"} 3.0' in metrics_text
+    # The generator counts each tenant's tokens by name: two replies of 1,300 for metered.
+    generated = httpx.get(f"http://127.0.0.1:{generator.metrics_port}/metrics", timeout=10).text
+    assert 'chatstream_generator_tenant_tokens_total{tenant="metered"} 2600.0' in generated
+    assert 'chatstream_generator_tenant_tokens_total{tenant="light"} 1300.0' in generated
 
 
 def test_the_readme_example_is_a_valid_file():
