@@ -185,14 +185,42 @@ async def test_a_failed_read_raises_in_every_consumer(redis: Redis) -> None:
     await reader.close()
 
 
-async def test_unreachable_redis_raises_a_connection_error_in_every_consumer() -> None:
+async def test_unreachable_redis_raises_a_connection_error_in_every_consumer_after_retrying() -> None:
     dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
-    reader = StreamReader(dead)
+    reader = StreamReader(dead, retry_seconds=1.0)
+    started = time.monotonic()
     consumers = [asyncio.create_task(collect(reader.read_events(f"d{i}", silence_limit=5))) for i in range(3)]
     results = await asyncio.wait_for(asyncio.gather(*consumers, return_exceptions=True), 5)
     assert all(isinstance(r, RedisConnectionError) for r in results), results
+    assert time.monotonic() - started >= 1.0, "it retried for retry_seconds first"
     await reader.close()
     await dead.aclose()
+
+
+async def test_a_dropped_connection_costs_no_stream_anything(redis: Redis, redis_server) -> None:
+    """The server closes every client connection mid-stream (CLIENT KILL, as a Redis
+    restart or a proxy reset would): the reader reconnects and each stream goes on
+    from its last delivered entry, complete, in order, without a duplicate."""
+    reader = StreamReader(redis)
+    ids = [f"k{i}" for i in range(8)]
+    for request_id in ids:
+        await write(redis, request_id, StreamEvent(EventType.START, worker="w"))
+    consumers = [asyncio.create_task(collect(reader.read_events(request_id, silence_limit=5))) for request_id in ids]
+    killer = Redis.from_url(redis_server.url)
+    for n in range(40):
+        for request_id in ids:
+            await write(redis, request_id, StreamEvent(EventType.TOKEN, text=f"{n} "))
+        if n in (10, 25):
+            assert await killer.client_kill_filter(_type="normal", skipme=True) >= 1
+        await asyncio.sleep(0.01)
+    for request_id in ids:
+        await write(redis, request_id, StreamEvent(EventType.DONE, finish_reason="stop"))
+    results = await asyncio.wait_for(asyncio.gather(*consumers), 10)
+    expected = "".join(f"{n} " for n in range(40))
+    assert [token_text(events) for events in results] == [expected] * len(ids)
+    assert all(events[-1].type is EventType.DONE for events in results)
+    await killer.aclose()
+    await reader.close()
 
 
 async def test_module_level_read_events_is_a_drop_in_for_the_relay(redis: Redis) -> None:

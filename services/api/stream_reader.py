@@ -47,7 +47,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.api.relay import EntryDecoder, GeneratorLost, JobLost
 from services.common.contract import (
@@ -90,6 +92,16 @@ _DOORBELL_TTL_SECONDS = 60
 #: lets tokens accumulate, so one read carries many and each stream's tokens that
 #: arrived meanwhile go out as one chunk; with few streams there is no pause at all.
 READ_PAUSE_PER_STREAM = 10e-6
+
+#: How long a reader retries a read that failed for want of a connection (dropped,
+#: reset, Redis restarting or failing over) before it fails its streams. Each retry
+#: reads every stream from its last delivered entry, so nothing is lost or repeated;
+#: a stream whose generator falls silent meanwhile still ends by its silence limit.
+DEFAULT_RETRY_SECONDS = 5.0
+
+#: First pause before a retry; it doubles up to _RETRY_PAUSE_MAX.
+_RETRY_PAUSE = 0.05
+_RETRY_PAUSE_MAX = 0.5
 
 #: Pauses shorter than this are not taken: event loop timers are not finer.
 _MIN_READ_PAUSE = 0.001
@@ -187,6 +199,8 @@ class _Shard:
         self._connection: Any = None  # this shard's own, so a read skips the pool's checks
         self._reading = False  # a read's key list is built and the read not yet answered
         self._wake_sent = False
+        #: While reads fail for want of a connection: the latest failure.
+        self.connection_error: BaseException | None = None
 
     async def ensure_doorbell(self) -> None:
         """Create the doorbell or push its expiry forward (generators only append to
@@ -271,6 +285,8 @@ class _Shard:
 
     async def _run(self) -> None:
         reader = self._reader
+        failing_since: float | None = None
+        pause = _RETRY_PAUSE
         try:
             while self.subs:
                 subs = self._streams_to_read()
@@ -278,15 +294,35 @@ class _Shard:
                 try:
                     await self.ensure_doorbell()
                     reply = await self._read(subs)
-                except (RedisError, OSError) as exc:
-                    # Every consumer sees the error, as with one read per stream; streams
-                    # added later start a fresh read.
+                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                    # The connection is gone, not the command wrong: read again (on a new
+                    # connection) from each stream's last delivered entry.
+                    self._doorbell_fresh_until = 0.0
+                    self._next_sweep = 0.0  # rings may have been missed: cover every stream
+                    now = time.monotonic()
+                    self.connection_error = exc
+                    if failing_since is None:
+                        failing_since = now
+                        logger.warning("stream reader %s lost its connection (%s); retrying", self.wake_key.decode(), exc)
+                    if now - failing_since >= reader.retry_seconds:
+                        self.fail_all(exc, list(self.subs.values()))
+                        failing_since, pause, self.connection_error = None, _RETRY_PAUSE, None
+                        continue
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, _RETRY_PAUSE_MAX)
+                    continue
+                except RedisError as exc:
+                    # A command error: every consumer sees it, as with one read per
+                    # stream; streams added later start a fresh read.
                     self.fail_all(exc, list(self.subs.values()))
                     self._doorbell_fresh_until = 0.0
                     continue
                 finally:
                     self._reading = False
                     self._wake_sent = False
+                if failing_since is not None:
+                    logger.info("stream reader %s reconnected", self.wake_key.decode())
+                    failing_since, pause, self.connection_error = None, _RETRY_PAUSE, None
                 if reply and self._dispatch(reply):
                     pause = min(reader.max_read_pause, len(self.subs) * READ_PAUSE_PER_STREAM)
                     if pause >= _MIN_READ_PAUSE:
@@ -406,6 +442,11 @@ class Subscription:
             now = time.monotonic()
             if not entries:
                 if decoder.started and now - last_seen >= silence_limit:
+                    lost = self._shard.connection_error
+                    if lost is not None:
+                        # The silence is the reader's, not the generator's.
+                        error = _copy_error(lost) if isinstance(lost, RedisError) else RedisConnectionError(str(lost))
+                        raise error from lost
                     raise GeneratorLost(f"the generator wrote nothing for {now - last_seen:.1f}s")
                 if not decoder.started and job_pending is not None:
                     if await job_pending():
@@ -444,6 +485,7 @@ class StreamReader:
         max_read_pause: float = 0.01,
         sweep_interval: float = DEFAULT_SWEEP_INTERVAL,
         coalesce: bool = True,
+        retry_seconds: float = DEFAULT_RETRY_SECONDS,
     ) -> None:
         if connections < 1:
             raise ValueError("connections must be at least 1")
@@ -454,6 +496,7 @@ class StreamReader:
         self.max_read_pause = max_read_pause
         self.sweep_interval = sweep_interval
         self.coalesce = coalesce
+        self.retry_seconds = retry_seconds
         self._shards = [_Shard(self, i) for i in range(connections)]
         self._background: set[asyncio.Task[None]] = set()
 
