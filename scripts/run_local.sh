@@ -31,7 +31,7 @@ then
     echo "starting redis-server on 127.0.0.1:$port"
     # In a session of its own, so that Ctrl-C (sent to the whole foreground group)
     # does not stop it before the others have finished with it.
-    setsid redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --logfile .run/redis.log &
+    setsid redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --dir "$PWD/.run" --logfile "$PWD/.run/redis.log" &
     redis_pid=$!
     for _ in $(seq 50); do
         $PY -c 'import os, redis; redis.Redis.from_url(os.environ["REDIS_URL"]).ping()' 2>/dev/null && break
