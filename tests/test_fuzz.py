@@ -3,9 +3,11 @@ hand-picked cases of issue 4: each is a 4xx JSON error, none a 5xx, a hang or a 
 
 from __future__ import annotations
 
+import json
 import socket
 
 import httpx
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
@@ -68,3 +70,23 @@ def test_an_oversized_upload_is_refused_before_it_is_read(stack):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 413")
     assert b"body_too_large" in answer
+
+
+@pytest.mark.parametrize("size", [200_000, 4_000_000])
+def test_a_client_that_sends_its_whole_body_before_reading_gets_the_413(stack, size):
+    """urllib writes the whole body, then reads: the API reads (and drops) an
+    oversized body of up to 8 MiB before answering, or the client would see its
+    connection reset instead of the 413."""
+    import urllib.error
+    import urllib.request
+
+    api = stack.api()  # MAX_BODY_BYTES: 65536
+    body = b'{"user_input": "' + b"x" * size + b'"}'
+    request = urllib.request.Request(
+        f"{api.base_url}/chat_stream", data=body, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    for _ in range(5):  # a reset was intermittent: ask several times
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 413
+        assert json.loads(refused.value.read())["error"] == "body_too_large"

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from services.api.errors import ApiError
+
+
+#: An oversized body up to this size is read (and dropped) before the 413 is sent:
+#: a client that writes its whole body before reading (Python's urllib, many scripts)
+#: would otherwise see its connection reset, the server closing with unread data,
+#: instead of the 413. Larger ones are answered at once, without reading them.
+DRAIN_MAX_BYTES = 8 * 1024 * 1024
+
+#: The longest the API spends reading a body it refuses.
+DRAIN_SECONDS = 5.0
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -17,13 +28,31 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     reading a chunked body, so an oversized upload is never buffered whole."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        if int(declared) <= DRAIN_MAX_BYTES:
+            await _drain(request, int(declared))
         raise _too_large(int(declared), max_bytes)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > max_bytes:
+            await _drain(request, DRAIN_MAX_BYTES - len(body))
             raise _too_large(len(body), max_bytes)
     return bytes(body)
+
+
+async def _drain(request: Request, limit: int) -> None:
+    """Read and drop up to ``limit`` more bytes of the body, for at most
+    ``DRAIN_SECONDS`` (a lingering close, as nginx does), so the 413 reaches a
+    client that reads only once it has sent everything."""
+    read = 0
+    try:
+        async with asyncio.timeout(DRAIN_SECONDS):
+            async for chunk in request.stream():
+                read += len(chunk)
+                if read >= limit:
+                    return
+    except (TimeoutError, ClientDisconnect, RuntimeError):  # RuntimeError: nothing was left to read
+        return
 
 
 def check_body_size(body: bytes, max_bytes: int) -> None:
