@@ -65,6 +65,14 @@ local function drop_holder(id)
 end
 """
 
+#: Lua: a tenant's weight and max_concurrent, as its latest request said. Needs ``K``.
+_SETTINGS_OF = """
+local function settings_of(name)
+  local weight_text, cap_text = string.match(redis.call('HGET', K.tenants, name) or '1 0', '^(%S+) (%S+)$')
+  return tonumber(weight_text), tonumber(cap_text)
+end
+"""
+
 #: Lua: take waiter ``id`` out of its tenant's queue (and the tenant out of the
 #: waiting set when that was its last waiter). Needs ``K`` and ``queue_prefix``.
 _LEAVE_QUEUE = """
@@ -77,8 +85,7 @@ local function leave_queue(id, keep_owner)
   if redis.call('ZREM', queue, id) == 1 and redis.call('ZCARD', queue) == 0 then
     for _, class in ipairs({'interactive', 'batch'}) do
       if redis.call('ZREM', K['active:' .. class], tenant) == 1 then
-        local weight = tonumber(string.match(redis.call('HGET', K.tenants, tenant) or '1', '^(%S+)'))
-        redis.call('HINCRBYFLOAT', K.activeweight, class, -weight)
+        redis.call('HINCRBYFLOAT', K.activeweight, class, -settings_of(tenant))
       end
     end
   end
@@ -103,7 +110,9 @@ end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.waiters, '-inf', now)) do leave_queue(id) end
 """
 
-_PRELUDE = _KEYS_TABLE + "local queue_prefix = ARGV[1]\n" + _DROP_HOLDER + _LEAVE_QUEUE + _PURGE
+#: What the scripts over all the keys share (ARGV[1]: the queue prefix).
+_HELPERS = _KEYS_TABLE + "local queue_prefix = ARGV[1]\n" + _DROP_HOLDER + _SETTINGS_OF + _LEAVE_QUEUE
+_PRELUDE = _HELPERS + _PURGE
 
 # KEYS: _KEY_NAMES, then capacity members, capacity values.
 # ARGV: queue prefix, id, limit, lease seconds, max waiting, '1' to cap the limit by
@@ -135,11 +144,6 @@ end
 
 local token = held_token()
 if token then return {1, 0, token} end
-
-local function settings_of(name)
-  local weight_text, cap_text = string.match(redis.call('HGET', K.tenants, name) or '1 0', '^(%S+) (%S+)$')
-  return tonumber(weight_text), tonumber(cap_text)
-end
 
 -- The waiting tenant of `class` with the smallest virtual time that is under its cap.
 local function eligible(class)
@@ -251,7 +255,7 @@ return 1
 """
 
 # KEYS: _KEY_NAMES; ARGV: queue prefix, id, channel. Returns 1 if it held a permit.
-_RELEASE = _KEYS_TABLE + "local queue_prefix = ARGV[1]\n" + _DROP_HOLDER + _LEAVE_QUEUE + """
+_RELEASE = _HELPERS + """
 local id = ARGV[2]
 local held = redis.call('ZREM', K.holders, id)
 local waited = redis.call('ZSCORE', K.waiters, id)
