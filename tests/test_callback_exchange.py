@@ -100,6 +100,9 @@ async def test_client_disconnects_show_what_was_sent(stack):
     async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
         # Leaves after three chunks of the reply.
         leaving = await stream_chat(client, "/chat_stream_callback", {"user_input": "one two three"}, stop_after_chunks=3)
+        # Its generation stops and gives the permit back; then "busy" takes it (so the
+        # permit the next check sees is busy's, not the stopping one's).
+        await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) == 0, 5, "the first permit back")
         # Holds the only permit, so the next one waits in admission and leaves there.
         busy = asyncio.create_task(stream_chat(client, "/chat_stream_callback", {"user_input": "busy"}))
         await eventually(lambda: stack.redis.zcard(GENERATIONS.holders) == 1, 5, "the permit to be taken")
@@ -107,6 +110,9 @@ async def test_client_disconnects_show_what_was_sent(stack):
         await eventually(lambda: stack.redis.zcard(GENERATIONS.waiters) == 1, 5, "a waiter")
         waiter.cancel()
         await asyncio.gather(waiter, return_exceptions=True)
+        # Only once the server saw it leave: a permit freed before that would be handed
+        # to it (whoever polls next), and it would have waited, then left holding it.
+        await eventually(lambda: stack.redis.zcard(GENERATIONS.waiters) == 0, 5, "the waiter to leave")
         busy.cancel()
         await asyncio.gather(busy, return_exceptions=True)
 
