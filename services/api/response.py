@@ -59,6 +59,10 @@ class SendTimeout(OSError):
     """The client took nothing for the send timeout: counted as gone."""
 
 
+class ClientGone(OSError):
+    """The connection was lost before the reply's last bytes were handed over."""
+
+
 class _SendWatch:
     """The relay's ``send``, watched for a client that takes nothing: each send notes
     when it began, and :meth:`stalled` returns once one has lasted ``timeout``
@@ -185,9 +189,10 @@ class RelayResponse(Response):
         sends = _SendWatch(send, self._send_timeout)
         # The sends after the relay (an error, a hand-off) are few: each gets a timer.
         send = self._timed(send)
-        relay = asyncio.create_task(self._relay(sends.send, progress))
+        disconnect = asyncio.create_task(_wait_for_disconnect(receive))
+        relay = asyncio.create_task(self._relay(sends.send, progress, disconnect))
         stalled = asyncio.create_task(sends.stalled())
-        watchers = [asyncio.create_task(_wait_for_disconnect(receive)), stalled]
+        watchers = [disconnect, stalled]
         handoff = None
         if self._drain is not None:
             handoff = asyncio.create_task(self._wait_for_handoff())
@@ -283,17 +288,17 @@ class RelayResponse(Response):
             )
             progress.headers_sent = True
 
-    async def _relay(self, send: Send, progress: RelayProgress) -> None:
+    async def _relay(self, send: Send, progress: RelayProgress, disconnect: asyncio.Task[None]) -> None:
         """Relay under the request's deadline (queue wait and generation together)."""
         try:
             async with asyncio.timeout(self._deadline_seconds):
-                await self._relay_events(send, progress)
+                await self._relay_events(send, progress, disconnect)
         except TimeoutError:
             raise StreamFailed(
                 "request_timeout", f"the request did not finish within {self._deadline_seconds:g}s"
             ) from None
 
-    async def _relay_events(self, send: Send, progress: RelayProgress) -> None:
+    async def _relay_events(self, send: Send, progress: RelayProgress, disconnect: asyncio.Task[None]) -> None:
         if self._send_headers_early:
             await self._start(send, progress)
             opening = self._framer.opening()
@@ -323,6 +328,13 @@ class RelayResponse(Response):
                 progress.tokens_sent += event.tokens
             elif event.type is EventType.DONE:
                 progress.done = event
+                # uvicorn drops the sends after a lost connection without a word, so a
+                # pod that lagged behind its sockets could relay a whole reply into a
+                # closed one and call it a success. Let a lost connection that is
+                # already known be noticed first (one loop turn), and let it win.
+                await asyncio.sleep(0)
+                if disconnect.done():
+                    raise ClientGone("the connection was lost before the reply ended")
                 await self._start(send, progress)
                 body = self._framer.done(event)
                 await send({"type": "http.response.body", "body": body, "more_body": False})
