@@ -127,7 +127,8 @@ def _generate_in_process() -> None:
 
     tasks: set[asyncio.Task[None]] = set()
 
-    async def enqueue(self: JobQueue, job: GenerationJob) -> None:
+    async def enqueue(self: JobQueue, job: GenerationJob, registration: object = None) -> None:
+        # No resumption in-process (ChatStream's architecture): the registration goes nowhere.
         out = streams[job.request_id] = asyncio.Queue()
         task = asyncio.create_task(run(job, out))
         tasks.add(task)

@@ -542,6 +542,10 @@ async def main() -> None:
         "SYNTHETIC_TOKENS_PER_SECOND": str(args.rate),
         "MAX_NEW_TOKENS": str(max(args.tokens, args.low_load_tokens)),
         "GENERATOR_SLOTS": "2000",
+        # Low-load clients hang up after a few tokens to save time: with a resume grace
+        # their generations would go on for it, and "one request at a time" would be
+        # a dozen streams in the background. Sweep clients read whole replies.
+        "RESUME_GRACE_SECONDS": "0",
     }
     uvicorn = [sys.executable, "-m", "uvicorn", "--factory", "--no-access-log"]
     results: dict[str, Any] = {}

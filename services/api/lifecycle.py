@@ -30,6 +30,7 @@ from starlette.requests import Request
 
 from services.api import metrics
 from services.api.admission import QueueTimeout, Ticket
+from services.api.enqueue import Registration
 from services.api.exchange import ChatExchange, Timings, Usage
 from services.api.outcome import Callback, CallbackMessage, invoke_callback
 from services.api.relay import GeneratorLost, JobLost
@@ -290,23 +291,36 @@ class NewRequest(_Lifecycle):
 
     async def events(self) -> AsyncIterator[StreamEvent | Queued]:
         """Wait for a permit, enqueue, relay."""
-        service = self.service
-        if self.record is not None:
-            await self.register()
+        # A request that must wait for its permit is made resumable first (it may be
+        # resumed while queued); one granted at once registers with its job.
+        registration = self.registration() if self.record is not None else None
+        if registration is not None and self.ticket.acquired_at is None:
+            await self.register(registration)
+            registration = None
         async for position in self.wait_for_permit():
             yield Queued(position)
-        subscription = await self.enqueue()
+        subscription = await self.enqueue(registration)
         async for event in self.relay(subscription):
             yield event
 
-    async def register(self) -> None:
-        """Make the request resumable: who may read it, and that someone reads it."""
-        service = self.service
+    def registration(self) -> Registration:
+        """What makes the request resumable: who may read it, and that someone reads it."""
+        assert self.record is not None
+        return Registration(
+            record_key=request_key(self.request_id),
+            fields=self.record.fields(),
+            record_ttl_seconds=self.service.record_ttl_seconds,
+            readers_key=readers_key(self.request_id),
+            readers_ttl_ms=self.service.readers.noted(self.request_id),
+        )
+
+    async def register(self, registration: Registration) -> None:
+        """Write ``registration`` (for a request that waits for its permit)."""
         try:
-            async with service.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(request_key(self.request_id), mapping=self.record.fields())  # type: ignore[union-attr]
-                pipe.expire(request_key(self.request_id), service.record_ttl_seconds)
-                service.readers.attach_in(pipe, self.request_id)
+            async with self.service.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(registration.record_key, mapping=registration.fields)  # type: ignore[arg-type]
+                pipe.expire(registration.record_key, registration.record_ttl_seconds)
+                pipe.set(registration.readers_key, b"1", px=registration.readers_ttl_ms)
                 await pipe.execute()
         except RedisError:
             logger.warning("registering %s failed", self.request_id, exc_info=True)
@@ -334,9 +348,9 @@ class NewRequest(_Lifecycle):
         finally:
             wait_span.end()
 
-    async def enqueue(self) -> Subscription:
+    async def enqueue(self, registration: Registration | None) -> Subscription:
         """Subscribe to the stream, then enqueue the job (so the generator's very
-        first entry already rings this process's reader)."""
+        first entry already rings this process's reader), with ``registration``."""
         service, generation = self.service, self.generation
         try:
             subscription = await service.reader.subscribe(self.request_id)
@@ -352,7 +366,8 @@ class NewRequest(_Lifecycle):
                         readers_key=readers_key(self.request_id) if self.record is not None else "",
                         quota=self.ticket.quota,
                         tenant=self.ticket.tenant.name,
-                    )
+                    ),
+                    registration,
                 )
             except BaseException:
                 subscription.close()

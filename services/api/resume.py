@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 from starlette.requests import Request
 
@@ -201,17 +200,15 @@ class Readers:
 
     async def attach(self, request_id: str) -> None:
         """A client of this process reads the stream (it may have been left before)."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            self.attach_in(pipe, request_id)
-            await pipe.execute()
+        await self._redis.set(readers_key(request_id), b"1", px=self.noted(request_id))
 
-    def attach_in(self, pipe: Pipeline, request_id: str) -> None:
-        """:meth:`attach`, its write queued in ``pipe`` for the caller to send with
-        others (a new request's record): one round trip for both."""
+    def noted(self, request_id: str) -> int:
+        """Count a connection of this process as reading ``request_id`` and keep its
+        key alive from now on; returns the PX the caller sets the key with."""
         self._attached[request_id] = self._attached.get(request_id, 0) + 1
-        pipe.set(readers_key(request_id), b"1", px=self._ttl_ms)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._refresh(), name="readers-refresh")
+        return self._ttl_ms
 
     async def detach(self, request_id: str) -> None:
         """One client of this process left: the key expires after the grace unless
