@@ -67,6 +67,20 @@ SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         (),
     ),
     "external-redis-no-password": ({"redis.bundled.enabled": False, "redis.external.host": "redis"}, ()),
+    "external-redis-sentinel": (
+        {
+            "redis.bundled.enabled": False,
+            "redis.external.sentinel.enabled": True,
+            "redis.external.sentinel.addresses": ["s1.example:26379", "s2.example:26379", "s3.example:26379"],
+            "redis.external.sentinel.masterName": "chat",
+            "redis.external.sentinel.existingSecret": "sentinel-auth",
+            "redis.external.existingSecret": "redis-auth",
+            "generator.autoscaling.mode": "keda",
+            "generator.autoscaling.keda.trigger": "prometheus",
+            "generator.autoscaling.keda.prometheus.serverAddress": PROMETHEUS,
+        },
+        (),
+    ),
     "bundled-redis-persistent-no-auth": (
         {"redis.bundled.auth.enabled": False, "redis.bundled.persistence.enabled": True},
         (),
@@ -333,6 +347,32 @@ def test_redis_url_follows_bundled_or_external_redis(rendered) -> None:
     assert "Secret" not in kinds(rendered["existing-secrets"])
     old_key = parse(helm_template({"api.sessionSecret.existingSecret": "old", "api.sessionSecret.existingSecretKey": "SESSION_SECRET"}))
     assert container_env(old_key, deployment(old_key, "api"), "api")["SESSION_SECRETS"] == {"secretKeyRef": {"name": "old", "key": "SESSION_SECRET"}}
+
+
+def test_external_sentinel_is_how_both_services_find_the_primary(rendered, monkeypatch) -> None:
+    objects = rendered["external-redis-sentinel"]
+    for component in ("api", "generator"):
+        env = container_env(objects, deployment(objects, component), component)
+        assert env["REDIS_SENTINELS"] == "s1.example:26379,s2.example:26379,s3.example:26379"
+        assert env["REDIS_SENTINEL_MASTER"] == "chat"
+        assert env["REDIS_SENTINEL_PASSWORD"] == {"secretKeyRef": {"name": "sentinel-auth", "key": "REDIS_SENTINEL_PASSWORD"}}
+        # The data connections keep the user, password and database of REDIS_URL.
+        assert env["REDIS_URL"] == f"redis://chatstream-{component}:$(REDIS_PASSWORD)@chat:6379/0"
+        for name, value in env.items():
+            monkeypatch.setenv(name, value if isinstance(value, str) else "from-secret-or-pod")
+        settings = SETTINGS[component]()
+        assert settings.redis_sentinels == [("s1.example", 26379), ("s2.example", 26379), ("s3.example", 26379)]
+    defaults = container_env(rendered["defaults"], deployment(rendered["defaults"], "api"), "api")
+    assert defaults["REDIS_SENTINELS"] == "", "the bundled Redis is reached directly"
+    # KEDA's redis trigger follows the sentinels too.
+    keda = parse(helm_template({k: v for k, v in SCENARIOS["external-redis-sentinel"][0].items()
+                                if not k.startswith("generator.autoscaling.keda") and k != "redis.external.sentinel.existingSecret"}))
+    trigger = next(o for o in keda if o["kind"] == "ScaledObject")["spec"]["triggers"][0]
+    assert trigger["type"] == "redis-sentinel"
+    assert trigger["metadata"]["addresses"] == "s1.example:26379,s2.example:26379,s3.example:26379"
+    assert trigger["metadata"]["sentinelMaster"] == "chat"
+    refused = helm_template_result({"redis.bundled.enabled": False, "redis.external.sentinel.enabled": True})
+    assert refused.returncode != 0 and "redis.external.sentinel.addresses is required" in refused.stderr
 
 
 def test_api_keys_secret_is_mounted_as_the_keys_file(rendered) -> None:

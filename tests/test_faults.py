@@ -121,8 +121,11 @@ async def test_request_deadline_ends_the_request_and_stops_generation(stack):
 
 async def test_redis_outage_fails_fast_and_the_service_recovers_without_restart(private_stack):
     stack = private_stack
-    generator = stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="400"))
-    api = stack.api()
+    # Streams ride out an outage of REDIS_RETRY_SECONDS (a failover: test_failover.py);
+    # this Redis stays down longer, and comes back empty.
+    outage = {"REDIS_RETRY_SECONDS": "2"}
+    generator = stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="400", **outage))
+    api = stack.api(outage)
     async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
         open_stream = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "open"}, sse=True))
         await eventually(lambda: "started" in generator.log(), 5, "a stream to be open")

@@ -14,10 +14,10 @@ import time
 
 import httpx
 import pytest
+from arq.connections import RedisSettings
 from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from services.common.contract import QUEUE_NAME, WAKE_CHANNEL, ChatMessage, GenerationJob, Lease, new_request_id
-from services.common.redis_client import arq_settings_from_url
 from services.common.semaphore import GENERATIONS
 from tests.support.processes import eventually
 from tests.conftest import synthetic_generator_env
@@ -125,7 +125,7 @@ async def test_during_a_rolling_upgrade_a_job_an_older_generator_rejects_fails_f
     older = Worker(
         functions=[func(generate, name="generate")],
         queue_name=QUEUE_NAME,
-        redis_settings=arq_settings_from_url(stack.redis_server.url),
+        redis_settings=RedisSettings.from_dsn(stack.redis_server.url),
         poll_delay=0.05,
         keep_result=0,
     )

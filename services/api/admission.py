@@ -32,6 +32,9 @@ from services.common.semaphore import (
 logger = logging.getLogger(__name__)
 
 
+#: How soon a renewal that failed (Redis unreachable) is tried again.
+RENEW_RETRY_SECONDS = 0.25
+
 class QueueTimeout(Exception):
     """The request waited longer than ``QUEUE_TIMEOUT_SECONDS``."""
 
@@ -134,13 +137,20 @@ class Ticket:
     async def _renew_until_released(self) -> None:
         semaphore = self._admission.semaphore
         interval = semaphore.lease_seconds / 3
+        delay, failing = interval, False
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(delay)
             try:
                 renewed = await semaphore.renew(self.request_id)
             except Exception:
-                logger.warning("renewing the lease of %s failed", self.request_id, exc_info=True)
-                continue  # the lease may survive until the next try
+                if not failing:
+                    logger.warning("renewing the lease of %s failed; retrying", self.request_id, exc_info=True)
+                failing = True
+                # Soon, not a whole interval later: the lease outlives an outage (a
+                # failover) of up to two thirds of it only if the first answer renews it.
+                delay = min(interval, RENEW_RETRY_SECONDS)
+                continue
+            delay, failing = interval, False
             if not renewed:
                 logger.error("request %s lost its generation permit", self.request_id)
                 return

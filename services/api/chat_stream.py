@@ -45,7 +45,7 @@ from services.api.sessions import SessionStore, Turn, turns_to_messages
 from services.api.settings import ApiSettings, ResponseFormat
 from services.api.validation import check_body_size, parse_chat_request, read_body
 from services.common.contract import ChatMessage, HistoryWindow, new_request_id
-from services.common.redis_client import arq_redis_from_url, redis_from_url
+from services.common.redis_client import connect_arq, connect_url
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,13 @@ class ChatStream:
     def __init__(self, settings: ApiSettings | None = None, redis: ArqRedis | None = None) -> None:
         settings = settings or ApiSettings()
         self.settings = settings
-        self.redis = redis or arq_redis_from_url(settings.redis_url)
+        self.redis = redis or connect_arq(settings)
         # Sessions may live in a Redis of their own (SESSION_REDIS_URL): filling it
         # with conversations can then never evict or refuse what admission and the
         # streams need.
         session_redis = self.redis
         if settings.sessions_redis_url != settings.redis_url:
-            session_redis = redis_from_url(settings.sessions_redis_url)
+            session_redis = connect_url(settings.sessions_redis_url, settings)
         self.sessions = SessionStore(
             session_redis,
             settings.session_secret_list,

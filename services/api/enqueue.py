@@ -66,7 +66,7 @@ class JobQueue:
             # arq would pickle the job, and generators reject pickles (unpickling runs code).
             raise ValueError(
                 "the job queue's ArqRedis must serialize jobs as JSON: create it with "
-                "services.common.redis_client.arq_redis_from_url"
+                "services.common.redis_client.connect_arq"
             )
         self._arq = arq
         self._script = arq.register_script(_ENQUEUE)

@@ -74,7 +74,9 @@ class GenerationService:
         self.queue = JobQueue(redis)
         # One multiplexed reader for all the streams this process relays: a few Redis
         # connections however many clients are connected.
-        self.reader = StreamReader(redis, max_read_pause=settings.relay_max_read_pause_ms / 1000)
+        self.reader = StreamReader(
+            redis, max_read_pause=settings.relay_max_read_pause_ms / 1000, retry_seconds=settings.redis_retry_seconds
+        )
         self.admission = Admission(
             redis,
             limit=settings.max_concurrent_generations,

@@ -6,7 +6,11 @@ from enum import Enum
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 
+from services.common.contract import GENERATOR_HEARTBEAT_SECONDS
 from services.common.settings import CommonSettings
+
+#: Shortest renewal interval (a third of LEASE_SECONDS) that leaves room for a round trip.
+RENEW_RETRY_FLOOR_SECONDS = 0.1
 
 
 class ResponseFormat(str, Enum):
@@ -108,7 +112,11 @@ class ApiSettings(CommonSettings):
         60.0, gt=0.0, description="A request that waits longer than this for a permit gets HTTP 503."
     )
     lease_seconds: float = Field(
-        3.0, gt=0.0, description="Lease of a permit or queue place; renewed every third of it while the request lives, so a dead pod's permits return within this."
+        10.0,
+        gt=0.0,
+        description="Lease of a permit or queue place; renewed every third of it while the request lives (and retried "
+        "within 0.25 s when Redis does not answer), so a dead pod's permits return within this and a Redis failover "
+        "shorter than two thirds of it costs no generation its permit.",
     )
     retry_after_seconds: int = Field(2, ge=0, description="Retry-After sent with HTTP 429.")
     request_timeout_seconds: float = Field(
@@ -184,6 +192,22 @@ class ApiSettings(CommonSettings):
     def cookie_always_secure(self) -> bool:
         """Whether the session cookie is Secure whatever the request's scheme."""
         return self.session_cookie_secure or self.environment is Environment.PRODUCTION
+
+    @model_validator(mode="after")
+    def _timings_fit_together(self) -> ApiSettings:
+        """Relations between the timing settings that, broken, would end healthy
+        generations: say so at start-up instead."""
+        if self.generator_silence_seconds < 1.5 * GENERATOR_HEARTBEAT_SECONDS:
+            raise ValueError(
+                f"GENERATOR_SILENCE_SECONDS ({self.generator_silence_seconds:g}) must be at least 1.5 times the "
+                f"generators' heartbeat ({GENERATOR_HEARTBEAT_SECONDS:g}s), or a late heartbeat ends a healthy stream"
+            )
+        if self.lease_seconds < 3 * RENEW_RETRY_FLOOR_SECONDS:
+            raise ValueError(
+                f"LEASE_SECONDS ({self.lease_seconds:g}) must be at least {3 * RENEW_RETRY_FLOOR_SECONDS:g}: "
+                "it is renewed every third of it, over a Redis round trip"
+            )
+        return self
 
     @model_validator(mode="after")
     def _production_needs_secrets_and_keys(self) -> ApiSettings:

@@ -97,7 +97,10 @@ READ_PAUSE_PER_STREAM = 10e-6
 #: reset, Redis restarting or failing over) before it fails its streams. Each retry
 #: reads every stream from its last delivered entry, so nothing is lost or repeated;
 #: a stream whose generator falls silent meanwhile still ends by its silence limit.
-DEFAULT_RETRY_SECONDS = 5.0
+DEFAULT_RETRY_SECONDS = 10.0
+
+#: How late the reply to a blocking read may be when the client has no socket timeout.
+DEFAULT_READ_TIMEOUT = 5.0
 
 #: First pause before a retry; it doubles up to _RETRY_PAUSE_MAX.
 _RETRY_PAUSE = 0.05
@@ -201,6 +204,8 @@ class _Shard:
         self._wake_sent = False
         #: While reads fail for want of a connection: the latest failure.
         self.connection_error: BaseException | None = None
+        #: When the reader last got its connection back after failing (monotonic).
+        self.recovered_at = 0.0
 
     async def ensure_doorbell(self) -> None:
         """Create the doorbell or push its expiry forward (generators only append to
@@ -264,9 +269,16 @@ class _Shard:
             self._connection = pool.connection_class(**pool.connection_kwargs)
         connection = self._connection
         try:
-            # Connects on first use and after a failure.
+            # Connects on first use and after a failure. The read is timed here, not by
+            # the socket timeout, which knows nothing of BLOCK: a reply overdue by more
+            # than that timeout means the connection is dead (half-open: nothing else
+            # would ever say so), and the read is retried on a new one.
             await connection.send_packed_command(packed)
-            return await connection.read_response()
+            try:
+                async with asyncio.timeout(reader.block_ms / 1000 + reader.read_timeout):
+                    return await connection.read_response(timeout=None)
+            except TimeoutError:
+                raise RedisTimeoutError(f"no reply to XREAD BLOCK {reader.block_ms} within {reader.read_timeout:g}s more") from None
         except BaseException:
             # A reply may still be on its way (cancelled, timed out): never reuse it.
             await connection.disconnect()
@@ -323,6 +335,7 @@ class _Shard:
                 if failing_since is not None:
                     logger.info("stream reader %s reconnected", self.wake_key.decode())
                     failing_since, pause, self.connection_error = None, _RETRY_PAUSE, None
+                    self.recovered_at = time.monotonic()
                 if reply and self._dispatch(reply):
                     pause = min(reader.max_read_pause, len(self.subs) * READ_PAUSE_PER_STREAM)
                     if pause >= _MIN_READ_PAUSE:
@@ -433,21 +446,22 @@ class Subscription:
         decoder = EntryDecoder(self._shard.coalesce, started=sub.started)
         last_seen = time.monotonic()
         job_missing = False
+        shard = self._shard
         while True:
             if decoder.started:
-                timeout: float | None = max(0.0, silence_limit - (time.monotonic() - last_seen))
+                # Silence counts only while the reader can read: during a failover or a
+                # reconnect the generator may well be writing (or retrying its writes),
+                # and the reader fails its streams itself after its retry_seconds.
+                quiet = time.monotonic() - max(last_seen, shard.recovered_at)
+                timeout: float | None = silence_limit if shard.connection_error else max(0.0, silence_limit - quiet)
             else:
                 timeout = JOB_CHECK_SECONDS if job_pending is not None else None
             entries = await sub.take(timeout)
             now = time.monotonic()
             if not entries:
-                if decoder.started and now - last_seen >= silence_limit:
-                    lost = self._shard.connection_error
-                    if lost is not None:
-                        # The silence is the reader's, not the generator's.
-                        error = _copy_error(lost) if isinstance(lost, RedisError) else RedisConnectionError(str(lost))
-                        raise error from lost
-                    raise GeneratorLost(f"the generator wrote nothing for {now - last_seen:.1f}s")
+                quiet = now - max(last_seen, shard.recovered_at)
+                if decoder.started and quiet >= silence_limit and shard.connection_error is None:
+                    raise GeneratorLost(f"the generator wrote nothing for {quiet:.1f}s")
                 if not decoder.started and job_pending is not None:
                     if await job_pending():
                         job_missing = False
@@ -497,6 +511,8 @@ class StreamReader:
         self.sweep_interval = sweep_interval
         self.coalesce = coalesce
         self.retry_seconds = retry_seconds
+        #: How late a blocking read's reply may be (its client's socket timeout).
+        self.read_timeout = redis.connection_pool.connection_kwargs.get("socket_timeout") or DEFAULT_READ_TIMEOUT
         self._shards = [_Shard(self, i) for i in range(connections)]
         self._background: set[asyncio.Task[None]] = set()
 

@@ -11,6 +11,9 @@ from redis.asyncio import Redis
 
 logger = logging.getLogger(__name__)
 
+#: Longest wait for a message in one read.
+POLL_SECONDS = 1.0
+
 
 async def listen_forever(redis: Redis, channel: str, on_message: Callable[[], Awaitable[None]]) -> None:
     """Await ``on_message()`` for every message on ``channel`` until cancelled.
@@ -22,8 +25,12 @@ async def listen_forever(redis: Redis, channel: str, on_message: Callable[[], Aw
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)
-            async for _ in pubsub.listen():
-                await on_message()
+            while True:
+                # Short polls, not listen(): an idle channel is no fault, and each
+                # poll's read honours a timeout (keepalive finds a dead connection).
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=POLL_SECONDS)
+                if message is not None:
+                    await on_message()
         except asyncio.CancelledError:
             raise
         except Exception:

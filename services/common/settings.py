@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, SecretStr
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def parse_addresses(value: object) -> object:
+    """``host:port,host:port`` (REDIS_SENTINELS) as ``[(host, port), ...]``."""
+    if not isinstance(value, str):
+        return value
+    out = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{item!r} is not host:port (REDIS_SENTINELS is host:port,host:port,...)")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+Addresses = Annotated[list[tuple[str, int]], NoDecode, BeforeValidator(parse_addresses)]
 
 
 class CommonSettings(BaseSettings):
@@ -16,6 +34,36 @@ class CommonSettings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         description="Redis that carries the job queue, token streams, sessions and registrations.",
+    )
+    redis_sentinels: Addresses = Field(
+        default_factory=list,
+        description="Redis Sentinel addresses (host:port,host:port,...): when set, every client asks them for the "
+        "primary of REDIS_SENTINEL_MASTER and follows its failovers; REDIS_URL then gives only the database, "
+        "user, password and TLS (rediss://) of the data connections.",
+    )
+    redis_sentinel_master: str = Field("mymaster", min_length=1, description="Name of the primary the sentinels watch.")
+    redis_sentinel_password: SecretStr = Field(
+        "",  # type: ignore[assignment]
+        description="Password of the sentinels themselves (their requirepass), when they have one.",
+    )
+    redis_socket_timeout_seconds: float = Field(
+        5.0,
+        gt=0.0,
+        description="Read timeout of a Redis command; a reply that takes longer counts as a lost connection "
+        "(blocking stream reads get their block time on top; pub/sub listens in short polls).",
+    )
+    redis_keepalive_seconds: float = Field(
+        5.0,
+        ge=1.0,
+        description="TCP keepalive on every Redis connection: probes start after this much idle time, 1 s apart, "
+        "and 3 unanswered ones (or sent data unacknowledged as long) end it, so a connection to a vanished "
+        "node is noticed within about this + 3 s.",
+    )
+    redis_retry_seconds: float = Field(
+        10.0,
+        gt=0.0,
+        description="How long Redis may be unreachable (a failover, a dropped connection) before streams fail: "
+        "generators retry their writes and the API its stream reads for this long, reconnecting meanwhile.",
     )
     log_level: str = Field("INFO", description="Python logging level.")
     log_format: Literal["json", "text"] = Field(

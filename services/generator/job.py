@@ -24,7 +24,7 @@ from services.generator import metrics
 from services.generator.engine import Engine, Generation, GenerationError, ResolvedSampling
 from services.common.quota import TokenBudgets
 from services.common.semaphore import FencedLease
-from services.generator.publisher import FencedWriter, LeaseLost, StreamPublisher
+from services.generator.publisher import UNREACHABLE, FencedWriter, LeaseLost, StreamPublisher
 from services.generator.settings import GeneratorSettings
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class JobRunner:
                 self._writer,
                 job.notify_key,
                 job.readers_key,
+                retry_seconds=self._settings.redis_retry_seconds,
             )
             refused = await publisher.should_stop()
             if refused:
@@ -217,6 +218,7 @@ class JobRunner:
         lease is gone; keep the lease (when the job owns it) and the stream alive."""
         last_touch = last_renewal = time.monotonic()
         interval = self._settings.cancel_check_seconds
+        unreachable = False  # logged once per outage, not every interval
         while not cancel.is_set():
             await asyncio.sleep(interval)
             try:
@@ -241,9 +243,18 @@ class JobRunner:
                 if now - last_touch >= GENERATOR_HEARTBEAT_SECONDS * 10:
                     await publisher.touch()
                     last_touch = now
+                if unreachable:
+                    logger.info("request %s: Redis is reachable again", request_id)
+                    unreachable = False
             except LeaseLost:
                 cancel.set()
                 return
+            except UNREACHABLE as exc:
+                # Retried every interval: the lease outlives an outage shorter than
+                # two thirds of it (it was renewed at most a third ago).
+                if not unreachable:
+                    logger.warning("request %s: Redis unreachable (%s); retrying", request_id, exc)
+                    unreachable = True
             except Exception:
                 logger.exception("checking request %s for cancellation failed", request_id)
 

@@ -19,6 +19,7 @@ import redis
 from redis.exceptions import RedisError
 
 from services.common.contract import GENERATORS_KEY
+from services.common.redis_client import connect_sync
 from services.generator.settings import GeneratorSettings
 
 ALIVE, NOT_REGISTERED, REDIS_UNREACHABLE = 0, 1, 2
@@ -38,7 +39,7 @@ def registration_expires_in(client: redis.Redis, worker_id: str) -> float | None
 
 def check(settings: GeneratorSettings, *, liveness: bool = False, timeout: float = 3.0) -> tuple[int, str]:
     """The probe's exit status and a one-line reason, for the worker ``settings`` describe."""
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    client = connect_sync(settings, timeout)
     try:
         remaining = registration_expires_in(client, settings.worker_id)
     except (RedisError, OSError) as exc:

@@ -7,6 +7,8 @@ import time
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.contract import (
     DOORBELL_FIELD,
@@ -23,9 +25,13 @@ from services.common.semaphore import GENERATIONS, lease_check_lua
 
 # Several fenced writes, of any number of requests, in one call.
 # KEYS: holders, tokens, then per write: stream, cancel, readers, doorbell.
-# ARGV: maxlen, then per write: holder ('' = unfenced), token, ring ('1' or ''),
-# readers ('1': stop when the readers key is gone), field count, fields...
-# Returns per write: 1 written, 0 lease lost, 2 cancelled by the API, 3 nobody reads.
+# ARGV: maxlen, then per write: entry id, holder ('' = unfenced), token, ring ('1' or
+# ''), readers ('1': stop when the readers key is gone), field count, fields...
+# Returns per write: 1 written (or there already), 0 lease lost, 2 cancelled by the
+# API, 3 nobody reads.
+# Entry ids are the publisher's own, 0-1, 0-2, ... (see StreamPublisher): a write
+# retried after a lost reply, whose first try did land, is refused by XADD as not
+# newer than the stream's top, and counts as written: no duplicate.
 # Checking the cancel and readers keys here, with every write, spares a separate
 # check while tokens flow. NOMKSTREAM: once the API has deleted the stream (client
 # gone), or its reader's doorbell is gone (API process gone), late writes must not
@@ -36,8 +42,9 @@ local results = {}
 local a = 2
 for i = 1, (#KEYS - 2) / 4 do
   local stream, cancel, readers, doorbell = KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1], KEYS[4 * i + 2]
-  local holder, token, ring, check_readers, n = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], tonumber(ARGV[a + 4])
-  local first = a + 5
+  local id, holder, token, ring, check_readers = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local n = tonumber(ARGV[a + 5])
+  local first = a + 6
   a = first + n
   if redis.call('EXISTS', cancel) == 1 then
     results[i] = 2
@@ -51,8 +58,10 @@ for i = 1, (#KEYS - 2) / 4 do
     + f"""
     end
     if lease_ok then
-      redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, first, a - 1))
-      if ring == '1' then
+      local added = redis.pcall('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[1], id, unpack(ARGV, first, a - 1))
+      if type(added) == 'table' and added.err then
+        if not string.find(added.err, 'equal or smaller', 1, true) then return redis.error_reply(added.err) end
+      elseif ring == '1' then
         redis.call('XADD', doorbell, 'NOMKSTREAM', 'MAXLEN', '~', {DOORBELL_MAXLEN}, '*', '{DOORBELL_FIELD}', stream)
       end
       results[i] = 1
@@ -85,13 +94,21 @@ class FencedWriter:
         self._sender: asyncio.Task[None] | None = None
 
     async def write(
-        self, stream: str, cancel: str, readers: str, doorbell: str, lease_args: list[str], fields: dict[str, str]
+        self,
+        stream: str,
+        cancel: str,
+        readers: str,
+        doorbell: str,
+        lease_args: list[str],
+        entry_id: str,
+        fields: dict[str, str],
     ) -> int:
-        """Append ``fields`` to ``stream`` (and announce it on ``doorbell``, unless '')
-        if the lease holds, ``cancel`` is unset and ``readers`` (unless '') exists;
-        returns 1 written, 0 lease lost, 2 cancelled, 3 nobody reads."""
+        """Append ``fields`` to ``stream`` as ``entry_id`` (and announce it on
+        ``doorbell``, unless '') if the lease holds, ``cancel`` is unset and ``readers``
+        (unless '') exists; returns 1 written (or there already), 0 lease lost,
+        2 cancelled, 3 nobody reads."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        args = [*lease_args, "1" if doorbell else "", "1" if readers else "", str(2 * len(fields))]
+        args = [entry_id, *lease_args, "1" if doorbell else "", "1" if readers else "", str(2 * len(fields))]
         for name, value in fields.items():
             args += [name, value]
         self._pending.append(([stream, cancel, readers or stream, doorbell or stream], args, future))
@@ -136,9 +153,26 @@ class LeaseLost(Exception):
     """The request's permit expired or passed to another holder: stop writing."""
 
 
+#: A write that failed for want of Redis is retried after this, doubling up to the max.
+_RETRY_PAUSE = 0.05
+_RETRY_PAUSE_MAX = 0.5
+
+#: Errors that say Redis could not be reached, not that it refused the command.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
 class StreamPublisher:
     """Publishes the events of one request. Every write is fenced: it happens only
-    while the request's lease is valid, checked atomically inside Redis."""
+    while the request's lease is valid, checked atomically inside Redis.
+
+    The publisher is its stream's only writer and numbers its entries itself
+    (``0-1``, ``0-2``, ...), one write at a time. A write that fails for want of
+    Redis (a dropped connection, a failover) is retried for ``retry_seconds``: the
+    stream's top entry says which of its entries Redis has, and those after it are
+    written again in order. So a retried write is never doubled, and entries that a
+    failed-over primary acknowledged but never passed to its replica are written
+    again: the stream stays whole, and the reader that had them sees nothing twice.
+    """
 
     def __init__(
         self,
@@ -149,6 +183,7 @@ class StreamPublisher:
         writer: FencedWriter | None = None,
         doorbell: str = "",
         readers: str = "",
+        retry_seconds: float = 10.0,
     ) -> None:
         self._redis = redis
         self._writer = writer or FencedWriter(redis)
@@ -160,6 +195,10 @@ class StreamPublisher:
         self._worker_id = worker_id
         self._lease_args = [lease.holder_id, str(lease.fencing_token)] if lease else ["", ""]
         self._check = redis.register_script(_CHECK)
+        self._retry_seconds = retry_seconds
+        #: Every entry so far, entry n (id 0-n) at index n - 1, and whether it is fenced.
+        self._entries: list[tuple[dict[str, str], bool]] = []
+        self._one_at_a_time = asyncio.Lock()
         self.last_write = 0.0
         self.last_checked = 0.0  # when Redis last confirmed: not cancelled, lease valid
         self.cancelled = False  # the API asked to stop, or nobody reads any more (seen by a write)
@@ -168,9 +207,7 @@ class StreamPublisher:
     async def publish(self, event: StreamEvent) -> None:
         """Append one event. Raises :class:`LeaseLost` when the lease is no longer
         valid; when the API has asked to stop, writes nothing and sets ``cancelled``."""
-        result = await self._writer.write(
-            self._key, self._cancel_key, self._readers, self._doorbell, self._lease_args, event.to_fields()
-        )
+        result = await self._append(event.to_fields(), fenced=True)
         if result == 0:
             raise LeaseLost(f"the lease of {self._key} is no longer valid")
         if result in (2, 3):
@@ -182,30 +219,67 @@ class StreamPublisher:
     async def publish_unfenced(self, event: StreamEvent) -> None:
         """Append a terminal error even without a lease: telling the client why its
         stream ends acts on no shared resource."""
+        await self._append(event.to_fields(), fenced=False)
+
+    async def start(self) -> None:
+        """First entry: tells the API which worker took the job; sets the key's TTL."""
+        await self._append(StreamEvent(EventType.START, worker=self._worker_id, owns_lease=self.owns_lease).to_fields(), fenced=False)
+        self.last_write = time.monotonic()
+
+    async def _append(self, fields: dict[str, str], fenced: bool) -> int:
+        self._entries.append((fields, fenced))
+        number = len(self._entries)
+        async with self._one_at_a_time:
+            try:
+                return await self._write(number)
+            except UNREACHABLE:
+                return await self._catch_up(number)
+
+    async def _catch_up(self, number: int) -> int:
+        """Write again every entry up to ``number`` that Redis lacks, retrying until
+        Redis answers or ``retry_seconds`` have passed (then the error is raised)."""
+        deadline = time.monotonic() + self._retry_seconds
+        pause = _RETRY_PAUSE
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                top = await self._redis.xrevrange(self._key, "+", "-", count=1)
+                have = int(_decode(top[0][0]).partition("-")[2]) if top else 0
+                result = 1
+                for n in range(have + 1, number + 1):
+                    result = await self._write(n)
+                    if result != 1:
+                        break
+                return result
+            except UNREACHABLE:
+                if time.monotonic() >= deadline:
+                    raise
+                pause = min(pause * 2, _RETRY_PAUSE_MAX)
+
+    async def _write(self, number: int) -> int:
+        fields, fenced = self._entries[number - 1]
+        entry_id = f"0-{number}"
+        if fenced:
+            return await self._writer.write(
+                self._key, self._cancel_key, self._readers, self._doorbell, self._lease_args, entry_id, fields
+            )
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(self._key, event.to_fields(), maxlen=STREAM_MAXLEN, approximate=True, nomkstream=True)
+            # The start entry creates the stream; a later unfenced one never recreates it.
+            first = number == 1
+            pipe.xadd(self._key, fields, id=entry_id, maxlen=STREAM_MAXLEN, approximate=True, nomkstream=not first)
+            if first:
+                pipe.expire(self._key, STREAM_TTL_SECONDS)
             self._ring(pipe)
-            await pipe.execute()
+            added, *_ = await pipe.execute(raise_on_error=False)
+        if isinstance(added, Exception) and "equal or smaller" not in str(added):
+            raise added
+        return 1
 
     def _ring(self, pipe: Pipeline) -> None:
         if self._doorbell:
             pipe.xadd(
                 self._doorbell, {DOORBELL_FIELD: self._key}, maxlen=DOORBELL_MAXLEN, approximate=True, nomkstream=True
             )
-
-    async def start(self) -> None:
-        """First entry: tells the API which worker took the job; sets the key's TTL."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(
-                self._key,
-                StreamEvent(EventType.START, worker=self._worker_id, owns_lease=self.owns_lease).to_fields(),
-                maxlen=STREAM_MAXLEN,
-                approximate=True,
-            )
-            pipe.expire(self._key, STREAM_TTL_SECONDS)
-            self._ring(pipe)
-            await pipe.execute()
-        self.last_write = time.monotonic()
 
     async def token(self, text: str) -> None:
         """A decoded text delta."""
@@ -232,3 +306,7 @@ class StreamPublisher:
         )
         self.last_checked = time.monotonic()
         return result.decode() if isinstance(result, bytes) else str(result)
+
+
+def _decode(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -29,7 +29,7 @@ from services.common.contract import (
     serialize_job,
 )
 from services.common.pubsub import listen_forever
-from services.common.redis_client import arq_settings_from_url
+from services.common.redis_client import connect_arq
 from services.common.registry import register_generator, unregister_generator
 from services.generator import metrics
 from services.generator.engine import Engine, create_engine
@@ -250,7 +250,9 @@ def build_worker(settings: GeneratorSettings) -> WakeableWorker:
             func(_generate, name=GENERATE_FUNCTION, max_tries=1, timeout=settings.job_timeout_seconds, keep_result=0)
         ],
         queue_name=QUEUE_NAME,
-        redis_settings=arq_settings_from_url(settings.redis_url),
+        # Our own pool: arq's would have neither keepalive nor read timeouts, and
+        # follows a Sentinel failover only with its own settings.
+        redis_pool=connect_arq(settings),
         job_serializer=serialize_job,
         job_deserializer=_deserialize_job,
         on_startup=on_startup,

@@ -87,6 +87,76 @@ class RedisServer:
         self._log.close()
 
 
+class Sentinels:
+    """A primary, a replica and three ``redis-server --sentinel`` processes watching
+    it (quorum 2, primary declared down after 1 s): a real failover on loopback."""
+
+    MASTER = "mymaster"
+
+    def __init__(self, workdir: Path) -> None:
+        self.primary = RedisServer(workdir)
+        self.replica = RedisServer(workdir, args=("--replicaof", "127.0.0.1", str(self.primary.port)))
+        wait_until(self._replicating, 20, "the replica to sync")
+        self._binary = shutil.which("redis-server")
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self.ports: list[int] = []
+        for _ in range(3):
+            port = free_port()
+            folder = workdir / f"sentinel-{port}"
+            folder.mkdir(exist_ok=True)
+            conf = folder / "sentinel.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {folder}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+                f"sentinel failover-timeout {self.MASTER} 3000\n"
+                f"sentinel parallel-syncs {self.MASTER} 1\n"
+            )
+            log = open(folder / "sentinel.log", "ab")
+            self._procs.append(subprocess.Popen([self._binary, str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT))
+            self.ports.append(port)
+        wait_until(self._all_see_both, 20, "the sentinels to see the primary and its replica")
+
+    @property
+    def addresses(self) -> str:
+        """REDIS_SENTINELS."""
+        return ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def sentinel(self, port: int) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+
+    def master_port(self) -> int | None:
+        """The primary's port, as the first sentinel that answers says."""
+        for port in self.ports:
+            try:
+                host, master = self.sentinel(port).sentinel_get_master_addr_by_name(self.MASTER)
+                return int(master)
+            except (redis.RedisError, TypeError):
+                continue
+        return None
+
+    def _replicating(self) -> bool:
+        info = self.replica.client.info("replication")
+        return info.get("master_link_status") == "up"
+
+    def _all_see_both(self) -> bool:
+        try:
+            return all(
+                self.sentinel(p).sentinel_master(self.MASTER).get("num-slaves", 0) >= 1 for p in self.ports
+            )
+        except redis.RedisError:
+            return False
+
+    def close(self) -> None:
+        for proc in self._procs:
+            proc.terminate()
+        for proc in self._procs:
+            proc.wait(10)
+        for server in (self.primary, self.replica):
+            if server.proc.poll() is None:
+                server.close()
+
+
 class Service:
     """One service process (``python -m ...`` or uvicorn), logging to a file."""
 

@@ -80,9 +80,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "chatstream.redisHost" -}}
 {{- if .Values.redis.bundled.enabled }}
 {{- printf "%s-redis.%s.svc" (include "chatstream.fullname" .) .Release.Namespace }}
+{{- else if .Values.redis.external.sentinel.enabled }}
+{{- /* The sentinels name the primary; REDIS_URL's host is then only a placeholder. */}}
+{{- if not .Values.redis.external.sentinel.addresses }}{{ fail "redis.external.sentinel.addresses is required when redis.external.sentinel.enabled=true" }}{{ end }}
+{{- default .Values.redis.external.sentinel.masterName .Values.redis.external.host }}
 {{- else }}
 {{- required "redis.external.host is required when redis.bundled.enabled=false" .Values.redis.external.host }}
 {{- end }}
+{{- end }}
+
+{{/* Whether the services find the primary through Sentinel. */}}
+{{- define "chatstream.redisSentinel" -}}
+{{- if and (not .Values.redis.bundled.enabled) .Values.redis.external.sentinel.enabled }}true{{ end }}
 {{- end }}
 
 {{- define "chatstream.redisPort" -}}
@@ -145,6 +154,23 @@ ConfigMap; arq does not URL-decode it, hence the URL-safe password rule in value
 {{- end }}
 - name: REDIS_URL
   value: {{ printf "%s://%s%s:%s/%s" $scheme $auth (include "chatstream.redisHost" $root) (include "chatstream.redisPort" $root) (include "chatstream.redisDatabase" $root) | quote }}
+{{- $sentinel := $root.Values.redis.external.sentinel }}
+{{- $useSentinel := eq (include "chatstream.redisSentinel" $root) "true" }}
+# Empty: REDIS_URL's host is the primary itself.
+- name: REDIS_SENTINELS
+  value: {{ ternary (join "," $sentinel.addresses) "" $useSentinel | quote }}
+- name: REDIS_SENTINEL_MASTER
+  value: {{ $sentinel.masterName | quote }}
+{{- if and $useSentinel $sentinel.existingSecret }}
+- name: REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $sentinel.existingSecret }}
+      key: {{ $sentinel.existingSecretKey }}
+{{- else }}
+- name: REDIS_SENTINEL_PASSWORD
+  value: ""
+{{- end }}
 {{- if eq .user "api" }}
 {{- $sessions := "" }}
 {{- if include "chatstream.sessionsRedisBundled" $root }}
