@@ -101,6 +101,9 @@ def outcome_key(request_id: str) -> str:
 
 
 #: Format of a stream cursor: a Redis Stream entry id (``SSE id:``, ``Last-Event-ID``).
+#: A request's generator, its stream's only writer, numbers the entries itself: the
+#: n-th is ``0-n`` (``services.generator.publisher``), so that a retried write is
+#: never doubled and a stream can be completed again after a failover.
 CURSOR_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
 
 #: The cursor before a stream's first entry.
