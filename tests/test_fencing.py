@@ -96,3 +96,33 @@ async def test_writes_of_many_requests_share_calls_and_keep_their_own_fate(redis
     assert not await redis.exists(stream_key("batch-expired"))
     for rid in live:
         await sem.release(rid)
+
+
+async def test_a_write_that_finds_no_redis_is_retried_and_the_stream_made_whole_again(redis, redis_server):
+    """A failover can lose entries the old primary acknowledged (replication is
+    asynchronous) and drops the generator's connection: the next write reconnects,
+    reads which entries the stream has, and writes the missing ones again, in order,
+    under their own ids; nothing is doubled."""
+    from services.common.contract import stream_key
+
+    sem = RedisSemaphore(redis, GENERATIONS, limit=1, lease_seconds=30, max_waiting=5)
+    lease = await sem.acquire("rewritten")
+    generator = Redis.from_url(redis_server.url)  # the generator's own client
+    publisher = StreamPublisher(generator, "rewritten", "gen", Lease("rewritten", lease.fencing_token), retry_seconds=5)
+    await publisher.start()
+    for n in range(5):
+        await publisher.token(f"<{n}>")
+    key = stream_key("rewritten")
+    # The new primary's stream ends at 0-4: the last two acknowledged entries are lost...
+    kept = await redis.xrange(key, "-", "0-4")
+    await redis.delete(key)
+    for entry_id, fields in kept:
+        await redis.xadd(key, fields, id=entry_id)
+    # ...and the generator's connections are gone.
+    assert await redis.client_kill_filter(_type="normal", skipme=True) >= 1
+    await publisher.token("<5>")
+    entries = await redis.xrange(key)
+    assert [entry_id.decode() for entry_id, _ in entries] == [f"0-{n}" for n in range(1, 8)]
+    assert [f.get(b"text") for _, f in entries] == [None, *(f"<{n}>".encode() for n in range(6))]
+    await generator.aclose()
+    await sem.release("rewritten")

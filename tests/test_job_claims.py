@@ -4,12 +4,23 @@ job is still queued and due."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from redis.asyncio import Redis
 
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.utils import timestamp_ms
+from services.common.semaphore import GENERATIONS
 from services.generator.worker import _CLAIM_JOBS
 from tests.support.processes import eventually
+
+
+def claim_keys(queue: str, ids: list[str]) -> list[str]:
+    keys = [queue, GENERATIONS.holders]
+    for job_id in ids:
+        keys += [in_progress_key_prefix + job_id, job_key_prefix + job_id]
+    return keys
 
 
 async def test_only_due_queued_unclaimed_jobs_are_claimed_once(redis_server) -> None:
@@ -19,15 +30,42 @@ async def test_only_due_queued_unclaimed_jobs_are_claimed_once(redis_server) -> 
     await redis.delete(queue, *(in_progress_key_prefix + j for j in ("due", "taken", "later", "gone")))
     await redis.zadd(queue, {"due": now - 10, "taken": now - 10, "later": now + 60_000})
     await redis.set(in_progress_key_prefix + "taken", "1")
+    await redis.zadd(GENERATIONS.holders, {"taken": time.time() + 60})  # its request's permit is live
     claim = redis.register_script(_CLAIM_JOBS)
     ids = ["due", "taken", "later", "gone"]
-    keys = [queue, *(in_progress_key_prefix + j for j in ids)]
+    keys = claim_keys(queue, ids)
 
-    claimed = await claim(keys=keys, args=[now, 5000, 10, *ids])
-    assert claimed[::2] == [b"due"] and int(float(claimed[1])) == now - 10
+    claimed, orphaned = await claim(keys=keys, args=[now, 5000, 10, *ids])
+    assert claimed[::2] == [b"due"] and int(float(claimed[1])) == now - 10 and orphaned == []
     assert 0 < await redis.pttl(in_progress_key_prefix + "due") <= 5000
     # A second worker polling the same ids gets nothing: the first holds "due".
-    assert await claim(keys=keys, args=[now, 5000, 10, *ids]) == []
+    assert await claim(keys=keys, args=[now, 5000, 10, *ids]) == [[], []]
+    assert await redis.zscore(queue, "taken") is not None, "a job that runs under a live permit stays"
+    await redis.zrem(GENERATIONS.holders, "taken")
+    await redis.aclose()
+
+
+async def test_a_job_whose_worker_died_and_whose_request_is_gone_is_removed(redis_server) -> None:
+    """Its in-progress key outlives the dead worker (a failover can also lose arq's
+    clean-up): without a live permit for its request nobody waits for it."""
+    redis = Redis.from_url(redis_server.url)
+    queue = "claims-test:queue3"
+    now = timestamp_ms()
+    ids = ["orphan", "expired-permit", "next"]
+    await redis.delete(queue, *(in_progress_key_prefix + j for j in ids), *(job_key_prefix + j for j in ids))
+    await redis.zadd(queue, {job: now - 100 + i for i, job in enumerate(ids)})
+    for job in ids:
+        await redis.set(job_key_prefix + job, "{}")
+    for dead in ids[:2]:  # claimed 110 s ago (in-progress TTL 610 s)
+        await redis.set(in_progress_key_prefix + dead, "1", px=500_000)
+    await redis.zadd(GENERATIONS.holders, {"expired-permit": time.time() - 1})
+    claim = redis.register_script(_CLAIM_JOBS)
+    claimed, orphaned = await claim(keys=claim_keys(queue, ids), args=[now, 610_000, 1, *ids])
+    assert claimed[::2] == [b"next"] and sorted(orphaned) == [b"expired-permit", b"orphan"]
+    assert await redis.zrange(queue, 0, -1) == [b"next"]
+    for dead in ids[:2]:
+        assert not await redis.exists(job_key_prefix + dead, in_progress_key_prefix + dead)
+    await redis.zrem(GENERATIONS.holders, "expired-permit")
     await redis.aclose()
 
 
@@ -40,10 +78,11 @@ async def test_claims_stop_at_the_free_slots_past_the_jobs_already_running(redis
     await redis.zadd(queue, {job: now - 100 + i for i, job in enumerate(ids)})
     for running in ids[:2]:  # the oldest two run already (a running job stays queued)
         await redis.set(in_progress_key_prefix + running, "1")
+        await redis.zadd(GENERATIONS.holders, {running: time.time() + 60})
     claim = redis.register_script(_CLAIM_JOBS)
-    keys = [queue, *(in_progress_key_prefix + j for j in ids)]
-    claimed = await claim(keys=keys, args=[now, 5000, 3, *ids])
+    claimed, _ = await claim(keys=claim_keys(queue, ids), args=[now, 5000, 3, *ids])
     assert claimed[::2] == [b"job2", b"job3", b"job4"]
+    await redis.zrem(GENERATIONS.holders, *ids[:2])
     assert not await redis.exists(in_progress_key_prefix + "job5")
     await redis.aclose()
 
@@ -74,3 +113,28 @@ async def test_a_busy_generator_takes_new_jobs_while_its_first_ones_run(stack) -
         assert not any(task.done() for task in first), "the first jobs ended: the check proves nothing"
         for task in first:
             task.cancel()
+
+
+async def test_a_dead_workers_job_at_the_head_of_the_queue_holds_back_no_request(stack) -> None:
+    """Seen after a failover: a one-slot generator skipped every later job until the
+    dead worker's in-progress key expired (610 s). Now the request behind it starts
+    at once and the orphan is removed, with a log line and a metric."""
+    import httpx
+
+    from arq.utils import timestamp_ms as now_ms
+    from services.common.contract import QUEUE_NAME
+    from tests.conftest import synthetic_generator_env
+    from tests.support.client import scrape, stream_chat
+
+    generator = stack.generator(synthetic_generator_env(tokens_per_second=100, MAX_NEW_TOKENS="5", GENERATOR_SLOTS="1"))
+    stack.redis.zadd(QUEUE_NAME, {"orphaned-job": now_ms() - 60_000})
+    stack.redis.set(job_key_prefix + "orphaned-job", "{}")
+    stack.redis.set(in_progress_key_prefix + "orphaned-job", "1", px=500_000)  # claimed 110 s ago
+    api = stack.api()
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+        reply = await asyncio.wait_for(stream_chat(client, "/chat_stream", {"user_input": "behind it"}, sse=True), 5)
+    assert reply.sse_events()[-1][0] == "done"
+    assert stack.redis.zscore(QUEUE_NAME, "orphaned-job") is None
+    assert not stack.redis.exists(job_key_prefix + "orphaned-job")
+    assert "removed job orphaned-job from the queue" in generator.log()
+    assert scrape(generator.metrics_url)["chatstream_generator_jobs_orphaned_total"] == 1

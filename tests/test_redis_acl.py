@@ -175,6 +175,8 @@ def test_generator_user_is_refused_admin_commands_and_sessions(acl_redis) -> Non
     # Nor can it take a queue place or a fencing token: the semaphore's other keys are the API's.
     assert_refused(generator, "ZADD", "chatstream:sem:generations:queue", "1", "forged")
     assert_refused(generator, "INCR", "chatstream:sem:generations:fence")
+    # What it may read of a stream: its top entry (to write again what a failover lost).
+    assert generator.xrevrange("chatstream:stream:any", count=1) == []
     assert acl_redis.client.lrange(key, 0, -1) == [b'{"user": "private", "assistant": "words"}']
 
 

@@ -44,6 +44,12 @@ JOBS_REJECTED = Counter(
 )
 for _reason in ("not_json", "unknown_function", "bad_schema"):
     JOBS_REJECTED.labels(reason=_reason)  # exported as 0 from the start, so alerts can rate() it
+JOBS_ORPHANED = Counter(
+    "chatstream_generator_jobs_orphaned_total",
+    "Jobs removed from the queue without running because the worker that took them is gone (their in-progress "
+    "key outlived it) and so is their request's permit.",
+    registry=REGISTRY,
+)
 MODEL_LOAD_SECONDS = Gauge(
     "chatstream_generator_model_load_seconds", "Time it took to load the model at start-up.", registry=REGISTRY
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from redis.asyncio import Redis
@@ -23,15 +24,19 @@ from services.common.contract import (
 )
 from services.common.semaphore import GENERATIONS, lease_check_lua
 
+logger = logging.getLogger(__name__)
+
 # Several fenced writes, of any number of requests, in one call.
 # KEYS: holders, tokens, then per write: stream, cancel, readers, doorbell.
-# ARGV: maxlen, then per write: entry id, holder ('' = unfenced), token, ring ('1' or
-# ''), readers ('1': stop when the readers key is gone), field count, fields...
+# ARGV: maxlen, then per write: entry number, holder ('' = unfenced), token, ring ('1'
+# or ''), readers ('1': stop when the readers key is gone), field count, fields...
 # Returns per write: 1 written (or there already), 0 lease lost, 2 cancelled by the
-# API, 3 nobody reads.
-# Entry ids are the publisher's own, 0-1, 0-2, ... (see StreamPublisher): a write
-# retried after a lost reply, whose first try did land, is refused by XADD as not
-# newer than the stream's top, and counts as written: no duplicate.
+# API, 3 nobody reads, 4 the stream lacks earlier entries.
+# Entry n has the id 0-n (see StreamPublisher), and is added only right after entry
+# n - 1: a write retried after a lost reply whose first try did land is not doubled,
+# and a stream that lost its last entries in a failover (replication is
+# asynchronous; the client may have reconnected to the new primary without an error)
+# is reported, and completed again by the publisher, instead of getting a gap.
 # Checking the cancel and readers keys here, with every write, spares a separate
 # check while tokens flow. NOMKSTREAM: once the API has deleted the stream (client
 # gone), or its reader's doorbell is gone (API process gone), late writes must not
@@ -42,7 +47,7 @@ local results = {}
 local a = 2
 for i = 1, (#KEYS - 2) / 4 do
   local stream, cancel, readers, doorbell = KEYS[4 * i - 1], KEYS[4 * i], KEYS[4 * i + 1], KEYS[4 * i + 2]
-  local id, holder, token, ring, check_readers = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local number, holder, token, ring, check_readers = tonumber(ARGV[a]), ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local n = tonumber(ARGV[a + 5])
   local first = a + 6
   a = first + n
@@ -58,13 +63,20 @@ for i = 1, (#KEYS - 2) / 4 do
     + f"""
     end
     if lease_ok then
-      local added = redis.pcall('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[1], id, unpack(ARGV, first, a - 1))
-      if type(added) == 'table' and added.err then
-        if not string.find(added.err, 'equal or smaller', 1, true) then return redis.error_reply(added.err) end
-      elseif ring == '1' then
-        redis.call('XADD', doorbell, 'NOMKSTREAM', 'MAXLEN', '~', {DOORBELL_MAXLEN}, '*', '{DOORBELL_FIELD}', stream)
+      local top = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)
+      local have = 0
+      if #top > 0 then have = tonumber(string.match(top[1][1], '-(%d+)$')) end
+      if have >= number then
+        results[i] = 1
+      elseif have < number - 1 then
+        results[i] = 4
+      else
+        redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[1], '0-' .. number, unpack(ARGV, first, a - 1))
+        if ring == '1' then
+          redis.call('XADD', doorbell, 'NOMKSTREAM', 'MAXLEN', '~', {DOORBELL_MAXLEN}, '*', '{DOORBELL_FIELD}', stream)
+        end
+        results[i] = 1
       end
-      results[i] = 1
     else
       results[i] = 0
     end
@@ -100,15 +112,16 @@ class FencedWriter:
         readers: str,
         doorbell: str,
         lease_args: list[str],
-        entry_id: str,
+        number: int,
         fields: dict[str, str],
     ) -> int:
-        """Append ``fields`` to ``stream`` as ``entry_id`` (and announce it on
-        ``doorbell``, unless '') if the lease holds, ``cancel`` is unset and ``readers``
-        (unless '') exists; returns 1 written (or there already), 0 lease lost,
-        2 cancelled, 3 nobody reads."""
+        """Append ``fields`` to ``stream`` as its entry ``number`` (id ``0-number``; and
+        announce it on ``doorbell``, unless '') if the lease holds, ``cancel`` is unset,
+        ``readers`` (unless '') exists and the stream has entry ``number - 1``; returns
+        1 written (or there already), 0 lease lost, 2 cancelled, 3 nobody reads,
+        4 earlier entries missing."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        args = [entry_id, *lease_args, "1" if doorbell else "", "1" if readers else "", str(2 * len(fields))]
+        args = [str(number), *lease_args, "1" if doorbell else "", "1" if readers else "", str(2 * len(fields))]
         for name, value in fields.items():
             args += [name, value]
         self._pending.append(([stream, cancel, readers or stream, doorbell or stream], args, future))
@@ -156,6 +169,9 @@ class LeaseLost(Exception):
 #: A write that failed for want of Redis is retried after this, doubling up to the max.
 _RETRY_PAUSE = 0.05
 _RETRY_PAUSE_MAX = 0.5
+
+#: FencedWriter's answer when the stream lacks entries before the one written.
+BEHIND = 4
 
 #: Errors that say Redis could not be reached, not that it refused the command.
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -231,17 +247,21 @@ class StreamPublisher:
         number = len(self._entries)
         async with self._one_at_a_time:
             try:
-                return await self._write(number)
+                result = await self._write(number)
+                if result != BEHIND:
+                    return result
+                logger.warning("stream %s lacks entries before %d (lost in a failover?): writing them again", self._key, number)
+                return await self._catch_up(number, pause=0.0)
             except UNREACHABLE:
-                return await self._catch_up(number)
+                return await self._catch_up(number, pause=_RETRY_PAUSE)
 
-    async def _catch_up(self, number: int) -> int:
+    async def _catch_up(self, number: int, pause: float) -> int:
         """Write again every entry up to ``number`` that Redis lacks, retrying until
         Redis answers or ``retry_seconds`` have passed (then the error is raised)."""
         deadline = time.monotonic() + self._retry_seconds
-        pause = _RETRY_PAUSE
         while True:
             await asyncio.sleep(pause)
+            pause = max(pause, _RETRY_PAUSE)
             try:
                 top = await self._redis.xrevrange(self._key, "+", "-", count=1)
                 have = int(_decode(top[0][0]).partition("-")[2]) if top else 0
@@ -250,18 +270,22 @@ class StreamPublisher:
                     result = await self._write(n)
                     if result != 1:
                         break
-                return result
+                if result != BEHIND:
+                    return result
+                # The stream lost entries again meanwhile: look again, within the deadline.
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(f"{self._key} could not be completed within {self._retry_seconds:g}s")
             except UNREACHABLE:
                 if time.monotonic() >= deadline:
                     raise
-                pause = min(pause * 2, _RETRY_PAUSE_MAX)
+            pause = min(pause * 2, _RETRY_PAUSE_MAX)
 
     async def _write(self, number: int) -> int:
         fields, fenced = self._entries[number - 1]
         entry_id = f"0-{number}"
         if fenced:
             return await self._writer.write(
-                self._key, self._cancel_key, self._readers, self._doorbell, self._lease_args, entry_id, fields
+                self._key, self._cancel_key, self._readers, self._doorbell, self._lease_args, number, fields
             )
         async with self._redis.pipeline(transaction=False) as pipe:
             # The start entry creates the stream; a later unfenced one never recreates it.

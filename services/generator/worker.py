@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from arq import Worker
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import func
 from redis.exceptions import RedisError
@@ -31,6 +31,7 @@ from services.common.contract import (
 from services.common.pubsub import listen_forever
 from services.common.redis_client import connect_arq
 from services.common.registry import register_generator, unregister_generator
+from services.common.semaphore import GENERATIONS
 from services.generator import metrics
 from services.generator.engine import Engine, create_engine
 from services.generator.job import JobRunner
@@ -39,26 +40,46 @@ from services.generator.settings import GeneratorSettings
 logger = logging.getLogger(__name__)
 
 
-# KEYS: queue, then the in-progress key of each job; ARGV: now (ms), in-progress TTL
-# (ms), then the job ids. Returns job id, score, ... of the jobs claimed.
+#: How long ago a job must have been claimed before it can count as orphaned.
+ORPHAN_AGE_MS = 30_000
+
+# KEYS: queue, permit holders, then per job: its in-progress key, its job key.
+# ARGV: now (ms), in-progress TTL (ms), free slots, then the job ids.
+# Returns {claimed: job id, score, ...; orphaned: job id, ...}.
+# A job that another worker holds (its in-progress key exists) is skipped, unless it
+# was claimed over ORPHAN_AGE_MS ago and its request holds no live permit: then the
+# worker that took it died (a failover can also lose arq's clean-up of a finished
+# job) and nobody waits for it; it is removed here, or it would sit in the queue
+# until its in-progress key expires (minutes), taking a place in every poll. (A job
+# that just ended has released its permit a moment before arq's own clean-up: the
+# age spares it.) A job's permit holder is its request id.
 _CLAIM_JOBS = """
 local now = tonumber(ARGV[1])
 local limit = tonumber(ARGV[3])
-local claimed = {}
-for i = 2, #KEYS do
-  if #claimed >= 2 * limit then break end
-  local job_id = ARGV[i + 2]
-  if redis.call('EXISTS', KEYS[i]) == 0 then
+local time = redis.call('TIME')
+local now_s = tonumber(time[1]) + tonumber(time[2]) / 1e6
+local claimed, orphaned = {}, {}
+for i = 1, (#KEYS - 2) / 2 do
+  local in_progress, job_key, job_id = KEYS[2 * i + 1], KEYS[2 * i + 2], ARGV[i + 3]
+  local left = redis.call('PTTL', in_progress)
+  if left ~= -2 then
+    local expires = redis.call('ZSCORE', KEYS[2], job_id)
+    if left < tonumber(ARGV[2]) - ORPHAN_AGE_MS and (not expires or tonumber(expires) < now_s) then
+      redis.call('ZREM', KEYS[1], job_id)
+      redis.call('DEL', job_key, in_progress)
+      orphaned[#orphaned + 1] = job_id
+    end
+  elseif #claimed < 2 * limit then
     local score = redis.call('ZSCORE', KEYS[1], job_id)
     if score and tonumber(score) <= now then
-      redis.call('PSETEX', KEYS[i], ARGV[2], '1')
+      redis.call('PSETEX', in_progress, ARGV[2], '1')
       claimed[#claimed + 1] = job_id
       claimed[#claimed + 1] = score
     end
   end
 end
-return claimed
-"""
+return {claimed, orphaned}
+""".replace("ORPHAN_AGE_MS", str(ORPHAN_AGE_MS))
 
 
 #: The id of the job arq is starting in this task, for the deserializer's log line
@@ -130,10 +151,18 @@ class WakeableWorker(Worker):
             return
         if self._claim is None:
             self._claim = self.pool.register_script(_CLAIM_JOBS)
-        claimed = await self._claim(
-            keys=[self.queue_name, *(in_progress_key_prefix + job_id for job_id in ids)],
-            args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), free, *ids],
+        keys = [self.queue_name, GENERATIONS.holders]
+        for job_id in ids:
+            keys += [in_progress_key_prefix + job_id, job_key_prefix + job_id]
+        claimed, orphaned = await self._claim(
+            keys=keys, args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), free, *ids]
         )
+        for job_id in orphaned:
+            metrics.JOBS_ORPHANED.inc()
+            logger.warning(
+                "removed job %s from the queue: the worker running it is gone and so is its request's permit",
+                job_id.decode() if isinstance(job_id, bytes) else job_id,
+            )
         for job_id, score in zip(claimed[::2], claimed[1::2]):
             job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
             await self.sem.acquire()  # never waits: at most max_jobs - job_counter claims
