@@ -152,3 +152,39 @@ async def test_redis_outage_fails_fast_and_the_service_recovers_without_restart(
         after = await stream_chat(client, "/chat_stream", {"user_input": "back again"}, sse=True)
     assert after.sse_events()[-1][0] == "done"
     assert api.alive() and generator.alive()
+
+
+async def test_a_redis_that_stops_answering_ends_streams_with_an_error_not_a_hang(private_stack):
+    """Redis frozen (SIGSTOP): its kernel still accepts connections and data, but no
+    reply ever comes, as with a peer that hangs or a half-open connection. Every wait
+    on Redis is bounded (read timeouts, the stream reader's own), so the open stream
+    ends with a clear error, a new request is refused, and all serve again once Redis
+    answers."""
+    stack = private_stack
+    quick = {"REDIS_RETRY_SECONDS": "2", "REDIS_SOCKET_TIMEOUT_SECONDS": "1"}
+    generator = stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="100", **quick))
+    api = stack.api(quick)
+    redis_proc = stack.redis_server.proc
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
+        open_stream = asyncio.create_task(stream_chat(client, "/chat_stream", {"user_input": "open"}, sse=True))
+        await eventually(lambda: "started" in generator.log(), 5, "a stream to be open")
+        await asyncio.sleep(0.3)
+        redis_proc.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        try:
+            reply = await asyncio.wait_for(open_stream, 15)
+            ended_after = time.monotonic() - frozen_at
+            name, data = reply.sse_events()[-1]
+            assert name == "error" and data["code"] == "redis_unavailable", reply.sse_events()[-3:]
+            # Retries (2 s) after a read that timed out (block 1 s + 1 s), with a margin.
+            assert ended_after < 8, ended_after
+            started = time.monotonic()
+            refused = await client.post("/chat_stream", json={"user_input": "while frozen"})
+            assert refused.status_code == 503 and refused.json()["error"] == "redis_unavailable"
+            assert time.monotonic() - started < 5, "refused within the read timeout, not hung"
+        finally:
+            redis_proc.send_signal(signal.SIGCONT)
+        after = await asyncio.wait_for(stream_chat(client, "/chat_stream", {"user_input": "thawed"}, sse=True), 60)
+    assert after.sse_events()[-1][0] == "done", after.sse_events()[-3:]
+    assert api.alive() and generator.alive()
+    print(f"stream ended {ended_after:.2f}s after Redis froze")
