@@ -188,3 +188,25 @@ async def test_a_redis_that_stops_answering_ends_streams_with_an_error_not_a_han
     assert after.sse_events()[-1][0] == "done", after.sse_events()[-3:]
     assert api.alive() and generator.alive()
     print(f"stream ended {ended_after:.2f}s after Redis froze")
+
+
+async def test_every_redis_connection_has_keepalive_and_a_user_timeout(redis_server, monkeypatch):
+    """What lets an idle connection to a vanished node fail (no packet will ever
+    come back): checked on the sockets themselves."""
+    import socket
+
+    from services.common.redis_client import connect
+    from services.common.settings import CommonSettings
+
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    monkeypatch.setenv("REDIS_KEEPALIVE_SECONDS", "4")
+    client = connect(CommonSettings())
+    await client.ping()
+    connection = await client.connection_pool.get_connection("PING")
+    sock = connection._writer.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 4
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 7000
+    await client.connection_pool.release(connection)
+    await client.aclose()

@@ -266,19 +266,16 @@ class _Shard:
         )
         if self._connection is None:
             pool = reader.redis.connection_pool
-            self._connection = pool.connection_class(**pool.connection_kwargs)
+            # Its read timeout knows of BLOCK: a reply overdue by more than the client's
+            # socket timeout means the connection is dead (half-open: nothing else would
+            # ever say so), and the read is retried on a new one.
+            timeout = reader.block_ms / 1000 + reader.read_timeout
+            self._connection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": timeout})
         connection = self._connection
         try:
-            # Connects on first use and after a failure. The read is timed here, not by
-            # the socket timeout, which knows nothing of BLOCK: a reply overdue by more
-            # than that timeout means the connection is dead (half-open: nothing else
-            # would ever say so), and the read is retried on a new one.
+            # Connects on first use and after a failure.
             await connection.send_packed_command(packed)
-            try:
-                async with asyncio.timeout(reader.block_ms / 1000 + reader.read_timeout):
-                    return await connection.read_response(timeout=None)
-            except TimeoutError:
-                raise RedisTimeoutError(f"no reply to XREAD BLOCK {reader.block_ms} within {reader.read_timeout:g}s more") from None
+            return await connection.read_response()
         except BaseException:
             # A reply may still be on its way (cancelled, timed out): never reuse it.
             await connection.disconnect()

@@ -160,12 +160,15 @@ class Sentinels:
 class Service:
     """One service process (``python -m ...`` or uvicorn), logging to a file."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], workdir: Path) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], workdir: Path, prefix: tuple[str, ...] = ()) -> None:
+        """``prefix``: a command that runs it (``ip netns exec NAME``: in a network namespace)."""
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-        self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, *args], cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     def log(self) -> str:
         """Everything the process printed so far."""
@@ -228,11 +231,13 @@ class ApiServer(Service):
 class Generator(Service):
     """A generator worker; waits until it has registered (model loaded)."""
 
-    def __init__(self, name: str, env: dict[str, str], workdir: Path, redis_client: redis.Redis) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], workdir: Path, redis_client: redis.Redis, prefix: tuple[str, ...] = ()
+    ) -> None:
         self.metrics_port = free_port()
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         env = {"WORKER_ID": name, "METRICS_PORT": str(self.metrics_port), **env}
-        super().__init__(name, ["-m", "services.generator"], env, workdir)
+        super().__init__(name, ["-m", "services.generator"], env, workdir, prefix)
         self.worker_id = env["WORKER_ID"]
         wait_until(lambda: self._registered(redis_client), 120, f"{name} to register")
 
