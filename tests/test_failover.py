@@ -14,6 +14,7 @@ import time
 
 import httpx
 import pytest
+import redis
 
 from services.common.semaphore import GENERATIONS
 from tests.conftest import Stack, synthetic_generator_env, synthetic_reply
@@ -65,13 +66,27 @@ async def test_both_services_follow_a_sentinel_failover_under_load(sentinels, wo
     }
     try:
         stack.generator(synthetic_generator_env(RATE, MAX_NEW_TOKENS="100", GENERATOR_SLOTS=str(STREAMS + 4), **via_sentinels))
-        api = stack.api({**via_sentinels, "MAX_CONCURRENT_GENERATIONS": str(STREAMS + 4)})
+        # One permit per stream and one for the request sent after the promotion: the
+        # limit is reached, and checked on whichever Redis is the primary.
+        api = stack.api({**via_sentinels, "MAX_CONCURRENT_GENERATIONS": str(STREAMS + 1)})
         url = api.base_url + "/chat_stream"
         async with httpx.AsyncClient(timeout=httpx.Timeout(60)) as client:
             seen = [{} for _ in range(STREAMS)]
             tasks = [asyncio.create_task(read_sse(client, url, s)) for s in seen]
             await eventually(lambda: all(s.get("tokens", 0) >= 5 for s in seen), 20, "every stream to be under way")
 
+            most_held = [0]
+
+            async def sample_holders() -> None:
+                while True:
+                    for server in (sentinels.primary, sentinels.replica):
+                        try:
+                            most_held[0] = max(most_held[0], await asyncio.to_thread(server.client.zcard, GENERATIONS.holders))
+                        except redis.RedisError:
+                            pass
+                    await asyncio.sleep(0.05)
+
+            sampler = asyncio.create_task(sample_holders())
             old_port = sentinels.primary.port
             killed_at = time.monotonic()
             sentinels.primary.proc.send_signal(signal.SIGKILL)
@@ -99,6 +114,7 @@ async def test_both_services_follow_a_sentinel_failover_under_load(sentinels, wo
             done, pending = await asyncio.wait(tasks, timeout=max(0.1, promoted_at + 10 - time.monotonic()))
             for task in pending:
                 task.cancel()
+            sampler.cancel()
             assert not pending, f"{len(pending)} streams still open 10 s after the promotion: {seen}"
 
         ends = sorted(str(s["end"]) for s in seen)
@@ -119,6 +135,9 @@ async def test_both_services_follow_a_sentinel_failover_under_load(sentinels, wo
         assert all(s["end"] == "done" for s in seen), report
         assert all(s.get("error", "").find('"code"') >= 0 for s in seen if s["end"] == "error"), report
 
+        # The cluster-wide limit held on both sides of the failover (nothing was lost
+        # with the old primary here, so not even those).
+        assert 0 < most_held[0] <= STREAMS + 1, most_held
         # Every permit comes back on the new primary (lost ones within a lease).
         new_primary = sentinels.replica.client
         await eventually(lambda: new_primary.zcard(GENERATIONS.holders) == 0, 15, "every permit back")

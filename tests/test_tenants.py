@@ -207,7 +207,9 @@ async def test_a_flooding_tenant_delays_another_tenants_first_request_by_at_most
 
 async def test_max_concurrent_holds_across_two_pods_and_a_killed_pods_permits_come_back(stack, tmp_path):
     generator = stack.generator(synthetic_generator_env(tokens_per_second=20, MAX_NEW_TOKENS="10", GENERATOR_SLOTS="6"))
-    env = tenant_env(tmp_path, MAX_CONCURRENT_GENERATIONS="6", RESUME_GRACE_SECONDS="0")
+    # A short lease (the default, 10 s, outlasts a failover) keeps the wait for a dead pod's places short.
+    lease_seconds = 3.0
+    env = tenant_env(tmp_path, MAX_CONCURRENT_GENERATIONS="6", RESUME_GRACE_SECONDS="0", LEASE_SECONDS=f"{lease_seconds:g}")
     apis = [stack.api(env), stack.api(env)]
     async with httpx.AsyncClient(timeout=60) as client:
         async def racer(i: int) -> list[int]:
@@ -234,8 +236,8 @@ async def test_max_concurrent_holds_across_two_pods_and_a_killed_pods_permits_co
         await stack_wait(lambda: stack.redis.zcard(GENERATIONS.waiters) >= 1, 10)
         doomed.stop(signal.SIGKILL)
         await asyncio.gather(*waiting, return_exceptions=True)
-        # Within the lease (3 s; the started generations end by themselves meanwhile).
-        deadline = time.monotonic() + 3.0 + 1.0
+        # Within the lease (the started generations end by themselves meanwhile).
+        deadline = time.monotonic() + lease_seconds + 1.0
         while "capped" in (await semaphore.tenant_counts()).tenants:
             assert time.monotonic() < deadline, await semaphore.tenant_counts()
             await asyncio.sleep(0.1)
