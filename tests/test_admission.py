@@ -68,7 +68,9 @@ async def test_twelve_requests_two_permits_two_apis_two_generators(stack):
     waited = [r for r in replies if any(n == "queued" for n, _ in r.sse_events())]
     assert len(waited) >= 6, "most requests had to wait and were told their position"
     positions = [d["position"] for n, d in waited[-1].sse_events() if n == "queued"]
-    assert positions == sorted(positions, reverse=True) and positions[-1] == 1
+    # Its place only ever moved forward, to within the permits of the front: two
+    # permits that free within one poll admit positions 1 and 2 at once.
+    assert positions == sorted(positions, reverse=True) and positions[-1] <= 2, positions
     intervals = generation_intervals(*generators)
     order = [r.request_id for r in replies]
     assert set(intervals) == set(order)
