@@ -171,9 +171,21 @@ async def test_a_redis_that_stops_answering_ends_streams_with_an_error_not_a_han
         await asyncio.sleep(0.3)
         redis_proc.send_signal(signal.SIGSTOP)
         frozen_at = time.monotonic()
+        # Liveness stays green throughout: a restart cannot fix Redis, and the reader,
+        # retrying, is not wedged.
+        liveness: list[int] = []
+
+        async def probe_liveness() -> None:
+            while True:
+                liveness.append((await client.get("/healthz")).status_code)
+                await asyncio.sleep(0.2)
+
+        prober = asyncio.create_task(probe_liveness())
         try:
             reply = await asyncio.wait_for(open_stream, 15)
             ended_after = time.monotonic() - frozen_at
+            prober.cancel()
+            assert len(liveness) >= 5 and set(liveness) == {200}, liveness
             name, data = reply.sse_events()[-1]
             assert name == "error" and data["code"] == "redis_unavailable", reply.sse_events()[-3:]
             # Retries (2 s) after a read that timed out (block 1 s + 1 s), with a margin.

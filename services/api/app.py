@@ -120,7 +120,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         return await chat_stream.get_load(request)
 
     async def healthz(request: Request) -> Response:
-        return await liveness()
+        return await liveness(chat_stream.generation.reader.stalls(settings.stream_reader_stall_seconds))
 
     async def readyz(request: Request) -> Response:
         return await readiness(chat_stream.redis, chat_stream.accepting)

@@ -9,12 +9,20 @@ from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
 from services.common.registry import count_live_generators
+from services.common.watchdog import Stall
 
 logger = logging.getLogger(__name__)
 
 
-async def liveness() -> JSONResponse:
-    """The process is up and its event loop answers."""
+async def liveness(stalled: list[Stall]) -> JSONResponse:
+    """The process is up, its event loop answers and none of its loops is wedged
+    (``stalled``: :meth:`StreamReader.stalls`). Redis being unreachable does not
+    count: restarting the pod cannot fix Redis, and the reader retries by itself."""
+    if stalled:
+        logger.error("liveness: %s; failing /healthz so that the pod is restarted", "; ".join(map(str, stalled)))
+        return JSONResponse(
+            {"status": "stalled", "stalled": [{"loop": s.loop, "seconds": s.seconds} for s in stalled]}, status_code=503
+        )
     return JSONResponse({"status": "ok"})
 
 

@@ -140,6 +140,12 @@ class ApiSettings(CommonSettings):
     generator_silence_seconds: float = Field(
         2.5, gt=0.0, description="A started generation that writes nothing (not even a heartbeat) for this long is declared dead."
     )
+    stream_reader_stall_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        description="Watchdog: /healthz answers 503 (and Kubernetes restarts the pod) when the stream reader has had "
+        "streams to read but no read has returned or failed for this long (0 = off). Redis being unreachable does not count.",
+    )
     relay_max_read_pause_ms: float = Field(
         10.0,
         ge=0.0,
@@ -202,6 +208,9 @@ class ApiSettings(CommonSettings):
                 f"GENERATOR_SILENCE_SECONDS ({self.generator_silence_seconds:g}) must be at least 1.5 times the "
                 f"generators' heartbeat ({GENERATOR_HEARTBEAT_SECONDS:g}s), or a late heartbeat ends a healthy stream"
             )
+        # One turn of the reader: the doorbell's refresh, then a read blocking up to
+        # 1 s on top of its timeout, then at most a 0.5 s pause before the retry.
+        self.check_stall_limit("STREAM_READER_STALL_SECONDS", self.stream_reader_stall_seconds, 2, 1.5)
         if self.lease_seconds < 3 * RENEW_RETRY_FLOOR_SECONDS:
             raise ValueError(
                 f"LEASE_SECONDS ({self.lease_seconds:g}) must be at least {3 * RENEW_RETRY_FLOOR_SECONDS:g}: "

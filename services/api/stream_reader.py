@@ -60,6 +60,7 @@ from services.common.contract import (
     reader_wake_key,
     stream_key,
 )
+from services.common.watchdog import Progress, Stall, stalls
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +207,9 @@ class _Shard:
         self.connection_error: BaseException | None = None
         #: When the reader last got its connection back after failing (monotonic).
         self.recovered_at = 0.0
+        #: Moves with every read answered or failed, while the shard has streams: the
+        #: pod's liveness check fails when it stops (a read that never returns).
+        self.progress = Progress(f"stream reader {self.wake_key.decode()}")
 
     async def ensure_doorbell(self) -> None:
         """Create the doorbell or push its expiry forward (generators only append to
@@ -293,55 +297,60 @@ class _Shard:
         return subs
 
     async def _run(self) -> None:
-        reader = self._reader
-        failing_since: float | None = None
-        pause = _RETRY_PAUSE
         try:
-            while self.subs:
-                subs = self._streams_to_read()
-                self._reading = True
-                try:
-                    await self.ensure_doorbell()
-                    reply = await self._read(subs)
-                except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                    # The connection is gone, not the command wrong: read again (on a new
-                    # connection) from each stream's last delivered entry.
-                    self._doorbell_fresh_until = 0.0
-                    self._next_sweep = 0.0  # rings may have been missed: cover every stream
-                    now = time.monotonic()
-                    self.connection_error = exc
-                    if failing_since is None:
-                        failing_since = now
-                        logger.warning("stream reader %s lost its connection (%s); retrying", self.wake_key.decode(), exc)
-                    if now - failing_since >= reader.retry_seconds:
-                        self.fail_all(exc, list(self.subs.values()))
-                        failing_since, pause, self.connection_error = None, _RETRY_PAUSE, None
-                        continue
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, _RETRY_PAUSE_MAX)
-                    continue
-                except RedisError as exc:
-                    # A command error: every consumer sees it, as with one read per
-                    # stream; streams added later start a fresh read.
-                    self.fail_all(exc, list(self.subs.values()))
-                    self._doorbell_fresh_until = 0.0
-                    continue
-                finally:
-                    self._reading = False
-                    self._wake_sent = False
-                if failing_since is not None:
-                    logger.info("stream reader %s reconnected", self.wake_key.decode())
-                    failing_since, pause, self.connection_error = None, _RETRY_PAUSE, None
-                    self.recovered_at = time.monotonic()
-                if reply and self._dispatch(reply):
-                    pause = min(reader.max_read_pause, len(self.subs) * READ_PAUSE_PER_STREAM)
-                    if pause >= _MIN_READ_PAUSE:
-                        await asyncio.sleep(pause)
+            with self.progress.working():
+                await self._read_while_subscribed()
         except Exception as exc:
             logger.exception("stream reader %s failed", self.wake_key.decode())
             self.fail_all(RedisError(f"the stream reader failed: {exc!r}"), list(self.subs.values()))
         finally:
             self._reading = False
+
+    async def _read_while_subscribed(self) -> None:
+        reader = self._reader
+        failing_since: float | None = None
+        pause = _RETRY_PAUSE
+        while self.subs:
+            self.progress.moved()
+            subs = self._streams_to_read()
+            self._reading = True
+            try:
+                await self.ensure_doorbell()
+                reply = await self._read(subs)
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # The connection is gone, not the command wrong: read again (on a new
+                # connection) from each stream's last delivered entry.
+                self._doorbell_fresh_until = 0.0
+                self._next_sweep = 0.0  # rings may have been missed: cover every stream
+                now = time.monotonic()
+                self.connection_error = exc
+                if failing_since is None:
+                    failing_since = now
+                    logger.warning("stream reader %s lost its connection (%s); retrying", self.wake_key.decode(), exc)
+                if now - failing_since >= reader.retry_seconds:
+                    self.fail_all(exc, list(self.subs.values()))
+                    failing_since, pause, self.connection_error = None, _RETRY_PAUSE, None
+                    continue
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _RETRY_PAUSE_MAX)
+                continue
+            except RedisError as exc:
+                # A command error: every consumer sees it, as with one read per
+                # stream; streams added later start a fresh read.
+                self.fail_all(exc, list(self.subs.values()))
+                self._doorbell_fresh_until = 0.0
+                continue
+            finally:
+                self._reading = False
+                self._wake_sent = False
+            if failing_since is not None:
+                logger.info("stream reader %s reconnected", self.wake_key.decode())
+                failing_since, pause, self.connection_error = None, _RETRY_PAUSE, None
+                self.recovered_at = time.monotonic()
+            if reply and self._dispatch(reply):
+                pause = min(reader.max_read_pause, len(self.subs) * READ_PAUSE_PER_STREAM)
+                if pause >= _MIN_READ_PAUSE:
+                    await asyncio.sleep(pause)
 
     def fail_all(self, error: BaseException, subs: list[_Subscription]) -> None:
         """Raise ``error`` in each of ``subs`` and stop reading their streams."""
@@ -517,6 +526,12 @@ class StreamReader:
     def streams(self) -> int:
         """Streams being read right now."""
         return sum(len(shard.subs) for shard in self._shards)
+
+    def stalls(self, limit: float) -> list[Stall]:
+        """Reader tasks that have had streams but no read answered or failed for over
+        ``limit`` seconds: wedged (every read has a timeout, so this is a bug or a
+        broken event loop), for the pod's liveness check."""
+        return stalls((shard.progress for shard in self._shards), limit)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

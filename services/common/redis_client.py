@@ -29,11 +29,8 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 
 from services.common.contract import deserialize_job, serialize_job
-from services.common.settings import CommonSettings
+from services.common.settings import CONNECT_TIMEOUT_SECONDS, CommonSettings
 
-#: Connecting is bounded, so a Redis that is down surfaces as an error within
-#: seconds instead of hanging a request.
-CONNECT_TIMEOUT_SECONDS = 2.0
 #: Keepalive probes, once they start, go this often, and this many unanswered ones
 #: end the connection.
 KEEPALIVE_INTERVAL_SECONDS = 1

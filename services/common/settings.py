@@ -25,6 +25,10 @@ def parse_addresses(value: object) -> object:
 
 Addresses = Annotated[list[tuple[str, int]], NoDecode, BeforeValidator(parse_addresses)]
 
+#: Connecting is bounded, so a Redis that is down surfaces as an error within
+#: seconds instead of hanging a request.
+CONNECT_TIMEOUT_SECONDS = 2.0
+
 
 class CommonSettings(BaseSettings):
     """Base of each service's settings: how to reach Redis and how loudly to log."""
@@ -69,6 +73,25 @@ class CommonSettings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one JSON object per line with request_id and trace_id; text: for humans."
     )
+
+    @property
+    def redis_command_deadline_seconds(self) -> float:
+        """The longest one Redis command can take before it fails when Redis does not
+        answer (a connect, then a read that times out): what a loop's watchdog must allow
+        for each command of one turn."""
+        return CONNECT_TIMEOUT_SECONDS + self.redis_socket_timeout_seconds
+
+    def check_stall_limit(self, name: str, limit: float, commands: int, extra: float) -> None:
+        """Refuse a watchdog limit (``name``, seconds; 0 = off) under the longest turn of
+        its loop when Redis does not answer: ``commands`` commands plus ``extra`` seconds
+        of waiting. A lower one would restart healthy pods during every Redis outage."""
+        floor = commands * self.redis_command_deadline_seconds + extra
+        if 0 < limit < floor:
+            raise ValueError(
+                f"{name} ({limit:g}) must be 0 (off) or at least {floor:g}s: one turn of the loop it watches "
+                f"may take {commands} Redis commands of up to {self.redis_command_deadline_seconds:g}s each "
+                f"(CONNECT + REDIS_SOCKET_TIMEOUT_SECONDS) plus {extra:g}s when Redis does not answer"
+            )
 
 
 def describe_settings(settings_cls: type[BaseSettings]) -> str:

@@ -117,6 +117,7 @@ class SyntheticEngine:
         self.model_id = "synthetic"
         self._interval = 1.0 / settings.synthetic_tokens_per_second
         self._fail_after = settings.synthetic_fail_after_tokens
+        self._stall_after = settings.synthetic_stall_after_tokens
 
     def start(
         self,
@@ -138,6 +139,9 @@ class SyntheticEngine:
                     return
                 if i == self._fail_after:
                     raise RuntimeError(f"synthetic fault drill: failing after {i} tokens")
+                if i == self._stall_after:
+                    # Deaf to the cancel flag too: a hung device answers nothing.
+                    await asyncio.Event().wait()
                 next_at += self._interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
                 generation.completion_tokens += 1

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import threading
 import time
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -26,6 +27,7 @@ from services.common.quota import TokenBudgets
 from services.common.semaphore import FencedLease
 from services.generator.publisher import UNREACHABLE, FencedWriter, LeaseLost, StreamPublisher
 from services.generator.settings import GeneratorSettings
+from services.common.watchdog import Progress
 
 logger = logging.getLogger(__name__)
 tracer = trace.get_tracer("services.generator")
@@ -42,6 +44,10 @@ class JobRunner:
         # (a batch's decode step) share script calls.
         self._writer = FencedWriter(redis)
         self._budgets = TokenBudgets(redis)
+        #: Moves with every token of any running generation: the watchdog's view of
+        #: the engine (a hung device or a deadlock stops it while jobs wait on it).
+        self.progress = Progress("engine")
+        self._running: set[_Deltas] = set()
 
     async def run(self, job: GenerationJob) -> str:
         """Generate the reply to ``job`` into its stream; returns the finish reason
@@ -123,7 +129,8 @@ class JobRunner:
         try:
             generation = self._engine.start(job.messages, sampling, cancel, job.history)
             produced = _Deltas()
-            producer = asyncio.create_task(self._produce(generation, produced, span, started))
+            self._running.add(produced)
+            producer = asyncio.create_task(self._produce(generation, produced, span, started, self.progress))
             stopped_early = True
             try:
                 # Whatever the engine produced while the previous write was in flight
@@ -145,9 +152,20 @@ class JobRunner:
                     # Cancelled, a failed write (lease lost, Redis gone) or shutdown: the
                     # engine stops at its next token; the write's failure is what counts.
                     cancel.set()
-                    with contextlib.suppress(Exception):
-                        await producer
+                    await produced.wait_unless_abandoned(producer)
+                self._running.discard(produced)
+                if produced.abandoned and not producer.done():
+                    # The watchdog gave up on the engine: waiting for it would never end.
+                    producer.cancel()
+            if producer.cancelled() or not producer.done():
+                raise EngineStalled()
             first_token_at = await producer
+        except EngineStalled:
+            logger.error("request %s ended: the engine stopped producing tokens", job.request_id)
+            span.set_status(Status(StatusCode.ERROR, "engine stalled"))
+            return StreamEvent(
+                EventType.ERROR, code="generator_stalled", message="the generator stopped making progress and is restarting"
+            )
         except GenerationError as exc:
             logger.info("request %s rejected by the engine: %s", job.request_id, exc.message)
             span.set_status(Status(StatusCode.ERROR, exc.message))
@@ -183,6 +201,15 @@ class JobRunner:
             history_turns=generation.history_turns,
         )
 
+    def end_stalled(self) -> int:
+        """The engine is stuck (the watchdog says): end every running generation now
+        with a ``generator_stalled`` error, without waiting for the engine, so each
+        client learns it and each permit comes back. Returns how many were ended."""
+        running = list(self._running)
+        for produced in running:
+            produced.abandon()
+        return len(running)
+
     async def _charge(self, job: GenerationJob, tokens: int) -> None:
         assert job.quota is not None
         try:
@@ -191,22 +218,26 @@ class JobRunner:
             logger.warning("charging %d tokens of %s to its tenant's quota failed", tokens, job.request_id, exc_info=True)
 
     @staticmethod
-    async def _produce(generation: Generation, produced: _Deltas, span: trace.Span, started: float) -> float | None:
+    async def _produce(
+        generation: Generation, produced: _Deltas, span: trace.Span, started: float, progress: Progress
+    ) -> float | None:
         """Run the engine's iteration into ``produced``; returns when the first token came."""
         first_token_at: float | None = None
         last_token_at = started
         try:
-            async for delta in generation:
-                now = time.perf_counter()
-                if first_token_at is None:
-                    first_token_at = now
-                    span.add_event("first_token")
-                    metrics.TIME_TO_FIRST_TOKEN.observe(now - started)
-                else:
-                    metrics.TIME_PER_TOKEN.observe(now - last_token_at)
-                last_token_at = now
-                metrics.TOKENS_GENERATED.inc()
-                produced.put(delta)
+            with progress.working():
+                async for delta in generation:
+                    progress.moved()
+                    now = time.perf_counter()
+                    if first_token_at is None:
+                        first_token_at = now
+                        span.add_event("first_token")
+                        metrics.TIME_TO_FIRST_TOKEN.observe(now - started)
+                    else:
+                        metrics.TIME_PER_TOKEN.observe(now - last_token_at)
+                    last_token_at = now
+                    metrics.TOKENS_GENERATED.inc()
+                    produced.put(delta)
         finally:
             produced.close()
         return first_token_at
@@ -259,6 +290,10 @@ class JobRunner:
                 logger.exception("checking request %s for cancellation failed", request_id)
 
 
+class EngineStalled(Exception):
+    """The watchdog gave up on the engine while this generation waited for it."""
+
+
 class _Deltas:
     """Text deltas the engine produced and the publisher has not written yet."""
 
@@ -266,6 +301,9 @@ class _Deltas:
         self._texts: list[str] = []
         self._closed = False
         self._ready = asyncio.Event()
+        #: Set by :meth:`abandon`: ``take`` raises :class:`EngineStalled`.
+        self.abandoned = False
+        self._abandoned = asyncio.Event()
 
     def put(self, text: str) -> None:
         self._texts.append(text)
@@ -276,11 +314,29 @@ class _Deltas:
         self._closed = True
         self._ready.set()
 
+    def abandon(self) -> None:
+        """Stop waiting for the engine: the next (or current) ``take`` raises."""
+        self.abandoned = True
+        self._abandoned.set()
+        self._ready.set()
+
+    async def wait_unless_abandoned(self, producer: asyncio.Task[Any]) -> None:
+        """Wait for ``producer`` to end, or for :meth:`abandon`, whichever comes first
+        (never raises the producer's error: its outcome is read later)."""
+        abandoned = asyncio.ensure_future(self._abandoned.wait())
+        try:
+            await asyncio.wait({producer, abandoned}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abandoned.cancel()
+
     async def take(self) -> list[str]:
-        """Every delta not taken yet, waiting for at least one; [] once closed and empty."""
-        while not self._texts and not self._closed:
+        """Every delta not taken yet, waiting for at least one; [] once closed and empty.
+        Raises :class:`EngineStalled` once abandoned."""
+        while not self._texts and not self._closed and not self.abandoned:
             self._ready.clear()
             await self._ready.wait()
+        if self.abandoned:
+            raise EngineStalled()
         texts, self._texts = self._texts, []
         return texts
 

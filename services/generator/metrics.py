@@ -53,6 +53,12 @@ JOBS_ORPHANED = Counter(
 MODEL_LOAD_SECONDS = Gauge(
     "chatstream_generator_model_load_seconds", "Time it took to load the model at start-up.", registry=REGISTRY
 )
+STALLED = Gauge(
+    "chatstream_generator_stalled",
+    "1 while the watchdog finds the engine or the job loop stuck (GENERATOR_STALL_SECONDS): the pod takes no jobs, "
+    "has withdrawn its registration and waits for Kubernetes to restart it.",
+    registry=REGISTRY,
+)
 SLOTS = Gauge("chatstream_generator_slots", "Concurrent generations this pod accepts (GENERATOR_SLOTS).", registry=REGISTRY)
 
 

@@ -7,7 +7,7 @@ import socket
 from enum import Enum
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.common.contract import StopStrings
 from services.common.settings import CommonSettings
@@ -61,6 +61,11 @@ class GeneratorSettings(CommonSettings):
     )
     synthetic_tokens_per_second: float = Field(50.0, gt=0.0, description="Token rate of the synthetic backend.")
     synthetic_fail_after_tokens: int = Field(-1, description="Fault drill: the synthetic backend raises after this many tokens (-1 = never).")
+    synthetic_stall_after_tokens: int = Field(
+        -1,
+        description="Fault drill: the synthetic backend hangs after this many tokens, deaf to cancellation, as a wedged "
+        "GPU would (-1 = never).",
+    )
     worker_id: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="Name of this generator in registrations, stream entries and traces (default: host-pid).",
@@ -74,5 +79,18 @@ class GeneratorSettings(CommonSettings):
     drain_seconds: float = Field(
         60.0, ge=0.0, description="On SIGTERM: stop taking jobs and let running streams finish for up to this long, then exit."
     )
+    generator_stall_seconds: float = Field(
+        120.0,
+        ge=0.0,
+        description="Watchdog: a generator whose engine has work but produced no token for this long (a hung GPU, a "
+        "deadlock), or whose job loop has not turned, stops taking jobs and withdraws its registration, so its probes "
+        "fail and Kubernetes restarts it (0 = off). Must exceed the longest prompt's prefill.",
+    )
     cancel_check_seconds: float = Field(0.1, gt=0.0, description="How often a running job checks whether the API asked it to stop.")
 
+    @model_validator(mode="after")
+    def _stall_limit_fits_a_redis_outage(self) -> GeneratorSettings:
+        # One turn of the job loop: arq's poll and our claim (a few commands), then
+        # the wait for a wake-up of up to IDLE_POLL_SECONDS.
+        self.check_stall_limit("GENERATOR_STALL_SECONDS", self.generator_stall_seconds, 4, self.idle_poll_seconds)
+        return self

@@ -32,6 +32,7 @@ from services.common.pubsub import listen_forever
 from services.common.redis_client import connect_arq
 from services.common.registry import register_generator, unregister_generator
 from services.common.semaphore import GENERATIONS
+from services.common.watchdog import Progress, Stall, stalls
 from services.generator import metrics
 from services.generator.engine import Engine, create_engine
 from services.generator.job import JobRunner
@@ -118,6 +119,12 @@ class WakeableWorker(Worker):
         self.wake = asyncio.Event()
         self.drain_started = asyncio.Event()
         self._claim: Any = None
+        #: Moves with every turn of the poll loop (a failed poll counts: Redis being
+        #: down is not this pod's fault); the watchdog's view of job intake.
+        self.progress = Progress("job loop", always_busy=True)
+        #: What the watchdog found stuck, once it has: from then on the worker takes no
+        #: job until it is restarted (its engine cannot be trusted again).
+        self.stalled: list[Stall] = []
 
     async def _poll_iteration(self) -> None:
         self.wake.clear()
@@ -127,6 +134,7 @@ class WakeableWorker(Worker):
             # arq would let this end the worker; a Redis outage must not kill a pod
             # that is otherwise fine. Keep trying until Redis is back.
             logger.warning("polling the job queue failed; retrying", exc_info=True)
+        self.progress.moved()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.wake.wait(), self.idle_poll_seconds)
 
@@ -140,6 +148,8 @@ class WakeableWorker(Worker):
         a job is claimed by setting its in-progress key, only if no worker holds
         that key and the job is still queued and due.
         """
+        if self.stalled:
+            return  # the engine would never run them; other generators will
         free = self.max_jobs - self.job_counter
         # The queue lists running jobs too (arq removes a job when it ends), oldest
         # first: offer every waiting one, and let the script stop at the free slots.
@@ -223,14 +233,40 @@ def generator_info(settings: GeneratorSettings, engine: Engine) -> GeneratorInfo
     )
 
 
+def _watch_for_stalls(runner: JobRunner, worker: WakeableWorker, limit: float) -> None:
+    """The watchdog: once the engine or the job loop has been stuck past ``limit``,
+    the worker stops taking jobs for good and every generation waiting on a stuck
+    engine ends with an error (its client told, its permit released)."""
+    if worker.stalled:
+        return
+    found = stalls([runner.progress, worker.progress], limit)
+    if not found:
+        return
+    worker.stalled = found
+    metrics.STALLED.set(1)
+    ended = runner.end_stalled() if any(s.loop == runner.progress.name for s in found) else 0
+    logger.error(
+        "watchdog: %s; this generator takes no more jobs, ended %d running generations and withdraws its "
+        "registration, so that its probes fail and it is restarted",
+        "; ".join(map(str, found)),
+        ended,
+    )
+
+
 async def _keep_registered(
     ctx: dict[str, Any], settings: GeneratorSettings, worker: WakeableWorker, info: GeneratorInfo
 ) -> None:
     while not worker.drain_started.is_set():
+        _watch_for_stalls(ctx["runner"], worker, settings.generator_stall_seconds)
         try:
-            await register_generator(
-                ctx["redis"], settings.worker_id, settings.registration_ttl_seconds, settings.generator_slots, info
-            )
+            if worker.stalled:
+                # Withdrawn at every turn: the registration must stay gone, whatever
+                # renewed it last.
+                await unregister_generator(ctx["redis"], settings.worker_id)
+            else:
+                await register_generator(
+                    ctx["redis"], settings.worker_id, settings.registration_ttl_seconds, settings.generator_slots, info
+                )
         except Exception:
             logger.warning("renewing the generator registration failed", exc_info=True)
         with contextlib.suppress(asyncio.TimeoutError):
@@ -258,6 +294,7 @@ def build_worker(settings: GeneratorSettings) -> WakeableWorker:
         engine_holder["engine"] = engine
         ctx["runner"] = JobRunner(engine, ctx["redis"], settings)
         ctx["wake"] = worker.wake
+        worker.progress.moved()  # loading the model was not the job loop being stuck
         ctx["background"] = [
             asyncio.create_task(_listen_for_wakeups(ctx)),
             asyncio.create_task(_keep_registered(ctx, settings, worker, generator_info(settings, engine))),
