@@ -81,6 +81,11 @@ SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         },
         (),
     ),
+    "bundled-redis-ha": ({"redis.bundled.highAvailability.enabled": True, "generator.autoscaling.mode": "keda"}, ()),
+    "bundled-redis-ha-persistent-no-auth": (
+        {"redis.bundled.highAvailability.enabled": True, "redis.bundled.auth.enabled": False, "redis.bundled.persistence.enabled": True},
+        (),
+    ),
     "bundled-redis-persistent-no-auth": (
         {"redis.bundled.auth.enabled": False, "redis.bundled.persistence.enabled": True},
         (),
@@ -373,6 +378,52 @@ def test_external_sentinel_is_how_both_services_find_the_primary(rendered, monke
     assert trigger["metadata"]["sentinelMaster"] == "chat"
     refused = helm_template_result({"redis.bundled.enabled": False, "redis.external.sentinel.enabled": True})
     assert refused.returncode != 0 and "redis.external.sentinel.addresses is required" in refused.stderr
+
+
+def test_bundled_ha_redis_is_a_primary_replicas_and_sentinels_the_services_follow(rendered, monkeypatch) -> None:
+    objects = rendered["bundled-redis-ha"]
+    redis_set = find(objects, "StatefulSet", "-redis")
+    spec = redis_set["spec"]
+    assert spec["replicas"] == 3 and spec["serviceName"] == "chat-chatstream-redis-headless"
+    containers = {c["name"]: c for c in spec["template"]["spec"]["containers"]}
+    assert set(containers) == {"redis", "sentinel"}
+    nodes = [f"chat-chatstream-redis-{i}.chat-chatstream-redis-headless.llm.svc.cluster.local" for i in range(3)]
+    server_env = {e["name"]: e.get("value", e.get("valueFrom")) for e in containers["redis"]["env"]}
+    assert server_env["REDIS_NODES"] == " ".join(f"{n}:6379" for n in nodes)
+    assert server_env["SENTINEL_NODES"] == " ".join(f"{n}:26379" for n in nodes)
+    assert server_env["ACL_USERS"] == "api generator keda replication sentinel"
+    assert server_env["REPLICATION_PASSWORD"] == {"secretKeyRef": {"name": "chat-chatstream-redis", "key": "REDIS_REPLICATION_PASSWORD"}}
+    assert "redis.sh --aclfile" in containers["redis"]["command"][2]
+    sentinel_env = {e["name"]: e.get("value", e.get("valueFrom")) for e in containers["sentinel"]["env"]}
+    assert sentinel_env["QUORUM"] == "2" and sentinel_env["DOWN_AFTER_MILLISECONDS"] == "5000"
+    # The scripts the pods run are the files tests/test_redis_ha.py runs.
+    scripts = find(objects, "ConfigMap", "-redis-ha-scripts")["data"]
+    for name in ("redis.sh", "sentinel.sh"):
+        assert scripts[name] == (CHART / "files" / "redis-ha" / name).read_text()
+    headless = find(objects, "Service", "-redis-headless")["spec"]
+    assert headless["clusterIP"] == "None" and headless["publishNotReadyAddresses"] is True
+    secret = find(objects, "Secret", "-redis")["data"]
+    assert {"REDIS_REPLICATION_PASSWORD", "REDIS_SENTINEL_USER_PASSWORD"} <= set(secret)
+    for component in ("api", "generator"):
+        env = container_env(objects, deployment(objects, component), component)
+        assert env["REDIS_SENTINELS"] == ",".join(f"{n}:26379" for n in nodes)
+        assert env["REDIS_SENTINEL_MASTER"] == "chatstream" and env["REDIS_SENTINEL_PASSWORD"] == ""
+        assert env["REDIS_URL"] == f"redis://chatstream-{component}:$(REDIS_PASSWORD)@chatstream:6379/0"
+        for name, value in env.items():
+            monkeypatch.setenv(name, value if isinstance(value, str) else "from-secret-or-pod")
+        assert SETTINGS[component]().redis_sentinels == [(n, 26379) for n in nodes]
+    trigger = next(o for o in objects if o["kind"] == "ScaledObject")["spec"]["triggers"][0]
+    assert trigger["type"] == "redis-sentinel" and trigger["metadata"]["sentinelMaster"] == "chatstream"
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "chat-chatstream-redis")
+    rule = policy["spec"]["ingress"][0]
+    assert {p["port"] for p in rule["ports"]} == {"redis", "sentinel"}
+    assert {"app.kubernetes.io/component": "redis"}.items() <= rule["from"][2]["podSelector"]["matchLabels"].items()
+    # Without ACL users the scripts start redis-server themselves; persistence gives each pod its volume.
+    bare = find(rendered["bundled-redis-ha-persistent-no-auth"], "StatefulSet", "-redis")["spec"]
+    assert bare["template"]["spec"]["containers"][0]["command"] == ["sh", "/etc/chatstream-redis-ha/redis.sh"]
+    assert bare["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    refused = helm_template_result({"redis.bundled.highAvailability.enabled": True, "redis.bundled.highAvailability.replicas": 2})
+    assert refused.returncode != 0 and "at least 3" in refused.stderr
 
 
 def test_api_keys_secret_is_mounted_as_the_keys_file(rendered) -> None:

@@ -78,7 +78,10 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Host and port of Redis as seen from any namespace (KEDA's operator runs in its own). */}}
 {{- define "chatstream.redisHost" -}}
-{{- if .Values.redis.bundled.enabled }}
+{{- if include "chatstream.redisHA" . }}
+{{- /* The sentinels name the primary; REDIS_URL's host is then only a placeholder. */}}
+{{- include "chatstream.redisMasterName" . }}
+{{- else if .Values.redis.bundled.enabled }}
 {{- printf "%s-redis.%s.svc" (include "chatstream.fullname" .) .Release.Namespace }}
 {{- else if .Values.redis.external.sentinel.enabled }}
 {{- /* The sentinels name the primary; REDIS_URL's host is then only a placeholder. */}}
@@ -89,9 +92,42 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
-{{/* Whether the services find the primary through Sentinel. */}}
+{{/* Whether the main Redis is the bundled primary + replicas + sentinels. */}}
+{{- define "chatstream.redisHA" -}}
+{{- if and .Values.redis.bundled.enabled .Values.redis.bundled.highAvailability.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Whether the services find the primary through Sentinel (bundled or external). */}}
 {{- define "chatstream.redisSentinel" -}}
-{{- if and (not .Values.redis.bundled.enabled) .Values.redis.external.sentinel.enabled }}true{{ end }}
+{{- if or (include "chatstream.redisHA" .) (and (not .Values.redis.bundled.enabled) .Values.redis.external.sentinel.enabled) }}true{{ end }}
+{{- end }}
+
+{{/*
+Addresses (host:port, in StatefulSet order) of the bundled HA Redis's servers
+(.port 6379) or sentinels (.port 26379), by their pods' stable names; joined with .sep.
+*/}}
+{{- define "chatstream.redisHANodes" -}}
+{{- $root := .root }}
+{{- $fullname := include "chatstream.fullname" $root }}
+{{- $nodes := list }}
+{{- range $i := until (int $root.Values.redis.bundled.highAvailability.replicas) }}
+{{- $nodes = append $nodes (printf "%s-redis-%d.%s-redis-headless.%s.svc.cluster.local:%v" $fullname $i $fullname $root.Release.Namespace $.port) }}
+{{- end }}
+{{- join .sep $nodes }}
+{{- end }}
+
+{{/* REDIS_SENTINEL_MASTER: the name the sentinels know the primary by. */}}
+{{- define "chatstream.redisMasterName" -}}
+{{- if include "chatstream.redisHA" . }}chatstream{{ else }}{{ .Values.redis.external.sentinel.masterName }}{{ end }}
+{{- end }}
+
+{{/* REDIS_SENTINELS: the bundled sentinels, or the external ones. */}}
+{{- define "chatstream.redisSentinelAddresses" -}}
+{{- if include "chatstream.redisHA" . }}
+{{- include "chatstream.redisHANodes" (dict "root" . "port" 26379 "sep" ",") }}
+{{- else }}
+{{- join "," .Values.redis.external.sentinel.addresses }}
+{{- end }}
 {{- end }}
 
 {{- define "chatstream.redisPort" -}}
@@ -158,10 +194,10 @@ ConfigMap; arq does not URL-decode it, hence the URL-safe password rule in value
 {{- $useSentinel := eq (include "chatstream.redisSentinel" $root) "true" }}
 # Empty: REDIS_URL's host is the primary itself.
 - name: REDIS_SENTINELS
-  value: {{ ternary (join "," $sentinel.addresses) "" $useSentinel | quote }}
+  value: {{ ternary (include "chatstream.redisSentinelAddresses" $root) "" $useSentinel | quote }}
 - name: REDIS_SENTINEL_MASTER
-  value: {{ $sentinel.masterName | quote }}
-{{- if and $useSentinel $sentinel.existingSecret }}
+  value: {{ include "chatstream.redisMasterName" $root | quote }}
+{{- if and $useSentinel (not (include "chatstream.redisHA" $root)) $sentinel.existingSecret }}
 - name: REDIS_SENTINEL_PASSWORD
   valueFrom:
     secretKeyRef:
