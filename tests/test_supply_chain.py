@@ -191,15 +191,19 @@ def test_images_install_python_packages_only_from_their_locks_with_hashes(compon
     dockerfile = DOCKERFILES[component]
     files = copied(dockerfile)
     installed_locks = set()
+    defaults = dict(rest.split("=", 1) for word, rest in instructions(dockerfile) if word == "ARG" and "=" in rest)
+    torch_from_default = defaults.get("TORCH_INDEX_URL")
     for word, rest in instructions(dockerfile):
         if word != "RUN":
             continue
         for command in re.split(r"&&|;", rest):
             if not re.search(r"\bpip install\b", command):
                 continue
-            if "download.pytorch.org/whl/${TORCH_VARIANT}" in command:
-                # The one exception, pinned by version (see the Dockerfile and NOT_IN_GENERATOR_LOCK).
-                assert component == "generator" and '"${TORCH_PIN}"' in command, command
+            if "${TORCH_FROM}" in command:
+                # The one exception, pinned by version (see the Dockerfile and NOT_IN_GENERATOR_LOCK):
+                # from the PyTorch index of the variant unless TORCH_FIND_LINKS names a folder of wheels.
+                assert component == "generator" and command.split() == ["pip", "install", "${TORCH_FROM}", '"${TORCH_PIN}"'], command
+                assert torch_from_default == "https://download.pytorch.org/whl/${TORCH_VARIANT}", torch_from_default
                 continue
             assert "--require-hashes" in command, f"{dockerfile}: {command.strip()}"
             (lock,) = re.findall(r"-r (\S+)", command)
