@@ -119,9 +119,19 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+#: The loopback port torch's folder is served on. Fixed, because the URL is a build argument and a
+#: build argument that changes misses the layer cache: a new port each run would reinstall torch
+#: (about a minute) in every build. A random port only when this one is taken.
+WHEEL_PORT = 38517
+
+
 def serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    """Serve ``folder`` on a free loopback port; the build reaches it with --network host."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(folder)))
+    """Serve ``folder`` on loopback; the build reaches it with --network host."""
+    handler = functools.partial(_Quiet, directory=str(folder))
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEEL_PORT), handler)
+    except OSError:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 

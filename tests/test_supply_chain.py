@@ -269,3 +269,50 @@ def test_build_context_sends_every_file_the_dockerfile_copies(component: str) ->
     blocked = [source for source in copied(DOCKERFILES[component]).values() if not _dockerignore_allows(source)]
     assert not blocked, f".dockerignore keeps {blocked} out of the build context"
     assert not _dockerignore_allows(".venv/bin/python") and not _dockerignore_allows("tests/test_units.py")
+
+
+# ---------------------------------------------------------------- the CUDA image
+
+def rendered_steps(dockerfile: str, build_args: dict[str, str]) -> list[str]:
+    """The Dockerfile's instructions with its build arguments' values put in, as ``docker build``
+    would for these ``--build-arg``s: ``${NAME}`` of an ARG in FROM/COPY/ENV, and in RUN (where the
+    shell reads it from the environment the builder gives). Other shell variables stay."""
+    values: dict[str, str] = {}
+
+    def substitute(text: str) -> str:
+        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: values.get(m.group(1) or m.group(2), m.group(0)), text)
+
+    steps = []
+    for word, rest in instructions(dockerfile):
+        if word == "ARG":
+            name, _, default = rest.partition("=")
+            values[name] = build_args.get(name, substitute(default))
+            rest = f"{name}={values[name]}"
+        steps.append(f"{word} {substitute(rest)}")
+    return steps
+
+
+def test_cuda_and_cpu_generator_images_differ_only_in_the_torch_source() -> None:
+    """The CUDA image cannot be built here (its wheels are not reachable): its path is the same
+    Dockerfile with TORCH_VARIANT=cu128, which must change only where torch comes from."""
+    dockerfile = DOCKERFILES["generator"]
+    cpu = rendered_steps(dockerfile, {"TORCH_VARIANT": "cpu"})
+    cuda = rendered_steps(dockerfile, {"TORCH_VARIANT": "cu128"})
+    assert len(cpu) == len(cuda)
+    differing = [(c, g) for c, g in zip(cpu, cuda) if c != g]
+    cpu_index, cuda_index = "https://download.pytorch.org/whl/cpu", "https://download.pytorch.org/whl/cu128"
+    assert [c.split()[0:2] for c, _ in differing] == [["ARG", "TORCH_VARIANT=cpu"], ["ARG", f"TORCH_INDEX_URL={cpu_index}"], ["RUN", "pip"]], differing
+    for c, g in differing:
+        assert g.replace(cuda_index, cpu_index).replace("TORCH_VARIANT=cu128", "TORCH_VARIANT=cpu") == c, (c, g)
+    (torch_step,) = [c for c, _ in differing if c.startswith("RUN")]
+    assert f'TORCH_FROM="--index-url {cpu_index}"' in torch_step
+    # What each variant's users run: compose (CPU by default, the GPU override) builds that one
+    # Dockerfile with only TORCH_VARIANT changed; the chart's default image is the CUDA build.
+    from tests.support.deploy import compose_config
+
+    cpu_build = compose_config("docker-compose.yml")["services"]["generator"]["build"]
+    gpu_build = compose_config("docker-compose.yml", "docker-compose.gpu.yml")["services"]["generator"]["build"]
+    assert cpu_build["dockerfile"] == gpu_build["dockerfile"] and Path(cpu_build["dockerfile"]).as_posix().endswith(dockerfile)
+    assert {k: v for k, v in cpu_build["args"].items() if k != "TORCH_VARIANT"} == {k: v for k, v in gpu_build["args"].items() if k != "TORCH_VARIANT"}
+    assert (cpu_build["args"]["TORCH_VARIANT"], gpu_build["args"]["TORCH_VARIANT"]) == ("cpu", "cu128")
+    assert dict(rest.split("=", 1) for word, rest in instructions(dockerfile) if word == "ARG" and "=" in rest)["TORCH_VARIANT"] == "cu128"

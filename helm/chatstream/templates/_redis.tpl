@@ -90,6 +90,12 @@ spec:
           command: ["redis-server"]
           {{- end }}
           args:
+            # Other pods connect, so protected mode (which refuses them while the default user has
+            # no password) is off. The official image compiles that default in; saying it here
+            # keeps any other Redis image (redis.image) working. Access is controlled by the ACL
+            # users (redis.auth) and the NetworkPolicy.
+            - --protected-mode
+            - "no"
             # Writes fail at the limit (noeviction) or old keys go (allkeys-lru), before the kernel kills Redis.
             - --maxmemory
             - {{ $config.maxmemory | quote }}
