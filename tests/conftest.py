@@ -44,6 +44,14 @@ def default_model() -> Path:
     return prepare_default_model(DEFAULT_MODEL_DIR)
 
 
+@pytest.fixture(scope="session")
+def container_images() -> dict:
+    """The project's images and the Redis/OTLP stand-ins, built once (tests/support/images.py)."""
+    from tests.support.images import build_images
+
+    return build_images()
+
+
 class Stack:
     """Starts API and generator processes against the test Redis; stops them all."""
 

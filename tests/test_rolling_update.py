@@ -30,7 +30,7 @@ from tests.support.tcp_proxy import TcpProxy
 from tests.test_resume import SEED_APP, exchanges
 
 STREAMS = 40
-TOKENS = 400
+TOKENS = 240
 #: Token events every stream must have before a pod is restarted: all are mid-reply.
 EVENTS_BEFORE_RESTART = 3
 

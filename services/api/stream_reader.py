@@ -394,6 +394,11 @@ class _Shard:
         task = self._task
         if task is not None and not task.done():
             task.cancel()
+            if self._connection is not None:
+                # The cancelled task was seen still waiting in its XREAD until the BLOCK
+                # ran out (close() took the whole block); closing the socket ends the
+                # read at once, whatever the read was doing.
+                await self._connection.disconnect(nowait=True)
             try:
                 await task
             except asyncio.CancelledError:

@@ -4,6 +4,8 @@ of the given service names appear in them (protobuf keeps strings as they are)."
 
 import gzip
 import json
+import signal
+import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SERVICES = ("chatstream-api", "chatstream-generator")
@@ -35,4 +37,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+# As the container's process 1 it gets no default SIGTERM handling: without this, docker stop
+# (and compose down) waits out its whole timeout before killing it.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 ThreadingHTTPServer(("0.0.0.0", 4318), Handler).serve_forever()
