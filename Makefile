@@ -60,6 +60,12 @@ test: setup model
 
 # Batched vs sequential generator throughput on this machine (~2 min on 2 cores);
 # writes bench/results/generator_throughput.{json,md}.
+# Image sizes, cold and cached build times, cold start of the chart's pods to ready (~4 min);
+# writes bench/results/images.{json,md}. Needs the Docker Engine.
+.PHONY: bench-images
+bench-images: $(VENV)/.installed model docker-engine deploy-tools
+	$(PY) bench/images.py
+
 .PHONY: bench-generator
 bench-generator: $(VENV)/.installed model
 	$(PY) bench/generator_throughput.py

@@ -16,7 +16,7 @@ that may reach neither:
 Layers are cached by the Docker Engine, so a second run with no change takes seconds. Writes
 ``.cache/images/report.json``: the images, their sizes and the build times.
 
-Usage: ``python scripts/images.py [--only api|generator]``. Needs a running Docker Engine
+Usage: ``python scripts/images.py [--only api|generator] [--no-cache]``. Needs a running Docker Engine
 (``scripts/install_docker.sh`` installs and starts one).
 """
 
@@ -136,9 +136,9 @@ def serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
-def build(tag: str, dockerfile: str, args: dict[str, str]) -> float:
+def build(tag: str, dockerfile: str, args: dict[str, str], no_cache: bool = False) -> float:
     started = time.monotonic()
-    command = ["build", "--network", "host", "-f", dockerfile, "-t", tag]
+    command = ["build", "--network", "host", "-f", dockerfile, "-t", tag, *(["--no-cache"] if no_cache else [])]
     for name, value in args.items():
         command += ["--build-arg", f"{name}={value}"]
     print(f"building {tag}")
@@ -153,6 +153,7 @@ def image_size(tag: str) -> int:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["api", "generator"])
+    parser.add_argument("--no-cache", action="store_true", help="rebuild every layer (build times from cold)")
     options = parser.parse_args(argv)
     if docker("info", capture=True, check=False).returncode != 0:
         raise SystemExit("no Docker Engine answers (scripts/install_docker.sh installs and starts one)")
@@ -163,7 +164,7 @@ def main(argv: list[str]) -> int:
     images = report["images"]
     assert isinstance(images, dict)
     if options.only in (None, "api"):
-        seconds = build(API_IMAGE, "services/api/Dockerfile", {"PYTHON_IMAGE": base})
+        seconds = build(API_IMAGE, "services/api/Dockerfile", {"PYTHON_IMAGE": base}, options.no_cache)
         images[API_IMAGE] = {"build_seconds": round(seconds, 1), "bytes": image_size(API_IMAGE)}
     if options.only in (None, "generator"):
         args = {"PYTHON_IMAGE": base, "TORCH_VARIANT": "cpu"}
@@ -173,7 +174,7 @@ def main(argv: list[str]) -> int:
             server, args["TORCH_FIND_LINKS"] = serve(folder)
             print(f"torch from {folder} (served at {args['TORCH_FIND_LINKS']})")
         try:
-            seconds = build(GENERATOR_IMAGE, "services/generator/Dockerfile", args)
+            seconds = build(GENERATOR_IMAGE, "services/generator/Dockerfile", args, options.no_cache)
         finally:
             if server is not None:
                 server.shutdown()
