@@ -80,9 +80,10 @@ class Stack:
     def logs(self) -> str:
         return "\n".join(f"===== {s.name} =====\n{s.log()}" for s in self.services)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM to each process, killed after ``timeout`` seconds."""
         for service in reversed(self.services):
-            service.stop()
+            service.stop(timeout=timeout)
 
 
 @pytest.fixture
@@ -91,7 +92,9 @@ def stack(redis_server: RedisServer, workdir: Path, request: pytest.FixtureReque
     redis_server.client.flushall()
     s = Stack(redis_server, workdir, request.node.name[:40])
     yield s
-    s.stop()
+    # Short: what a test checks of a shutdown it checks itself. Left alone, an API pod
+    # waits out RESUME_GRACE_SECONDS (10 s) for a client that left a request behind.
+    s.stop(timeout=2)
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
         print(s.logs())
@@ -126,7 +129,7 @@ def private_stack(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Sta
     server = RedisServer(workdir)
     s = Stack(server, workdir, request.node.name[:40])
     yield s
-    s.stop()
+    s.stop(timeout=2)
     server.close()
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
