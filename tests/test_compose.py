@@ -22,6 +22,7 @@ import time
 import httpx
 import pytest
 
+from tests.support.client import assert_openai_client_streams_paris
 from tests.support.deploy import tool
 from tests.support.images import STAND_INS, sh
 from tests.support.processes import REPO, free_port, wait_until
@@ -102,16 +103,7 @@ def test_compose_serves_the_readme_curl_and_openai_traces_scales_and_drains(comp
     assert reply.stdout.strip() and not reply.stdout.lstrip().startswith("{"), reply.stdout
 
     # The openai client, streaming, through /v1.
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=120)
-    chunks = list(client.chat.completions.create(
-        model="default", messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=24, temperature=0, stream=True,
-    ))
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert "Paris" in text, text
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert_openai_client_streams_paris(base_url)
 
     # Both services exported spans to the OTLP endpoint compose gives them (Jaeger's place).
     def services_traced() -> list[str]:

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.client import assert_openai_client_streams_paris
 from tests.support.deploy import helm_template, parse
 from tests.support.images import REDIS_STAND_IN
 from tests.support.kubelet import Kubelet, Pod, by_name, docker
@@ -122,16 +123,7 @@ def test_the_charts_pods_run_serve_and_stop_from_its_rendering(cluster: Kubelet)
     base_url = f"http://{api.ip}:{api.port('http')}"
     refused = httpx.post(f"{base_url}/v1/chat/completions", json={"model": "default", "messages": []}, timeout=10)
     assert refused.status_code == 401, refused.text
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{base_url}/v1", api_key=key, timeout=120)
-    chunks = list(client.chat.completions.create(
-        model="default", messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=24, temperature=0, stream=True,
-    ))
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert "Paris" in text, text
-    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert_openai_client_streams_paris(base_url, key)
     with httpx.stream("POST", f"{base_url}/chat_stream", json={"user_input": "Say hello."},
                       headers={"Authorization": f"Bearer {key}"}, timeout=120) as reply:
         assert reply.status_code == 200, reply.read()

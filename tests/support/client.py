@@ -178,3 +178,18 @@ def _parse_sse_block(block: str) -> tuple[str, dict | None, str, int | None]:
         elif line.startswith("retry: "):
             retry = int(line[len("retry: ") :])
     return name, (json.loads(data) if data else None), event_id, retry
+
+
+def assert_openai_client_streams_paris(base_url: str, api_key: str = "unused") -> None:
+    """The ``openai`` client streams a greedy (deterministic) reply through ``/v1`` that
+    names Paris and ends with a finish reason."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base_url}/v1", api_key=api_key, timeout=120)
+    chunks = list(client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24, temperature=0, stream=True,
+    ))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text, text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
