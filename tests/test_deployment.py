@@ -50,6 +50,8 @@ SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "defaults": ({}, ()),
     "defaults-on-a-keda-cluster": ({}, (KEDA,)),
     "keda": ({"generator.autoscaling.mode": "keda"}, ()),
+    # KEDA's redis trigger on arq's queue: only where admission does not follow the generators.
+    "keda-redis-trigger": ({"generator.autoscaling.mode": "keda", "generator.autoscaling.keda.trigger": "redis", "api.env.ADMISSION_FOLLOWS_GENERATORS": False}, ()),
     "keda-scale-to-zero": ({"generator.autoscaling.mode": "keda", "generator.autoscaling.minReplicas": 0}, ()),
     "hpa": ({"generator.autoscaling.mode": "hpa"}, (KEDA,)),
     "fixed-replicas": ({"generator.autoscaling.mode": "none", "generator.replicaCount": 3}, ()),
@@ -63,6 +65,8 @@ SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
             "redis.external.tls.enabled": True,
             "redis.external.existingSecret": "redis-auth",
             "generator.autoscaling.mode": "keda",
+            "generator.autoscaling.keda.trigger": "redis",
+            "api.env.ADMISSION_FOLLOWS_GENERATORS": False,
         },
         (),
     ),
@@ -81,7 +85,10 @@ SCENARIOS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         },
         (),
     ),
-    "bundled-redis-ha": ({"redis.bundled.highAvailability.enabled": True, "generator.autoscaling.mode": "keda"}, ()),
+    "bundled-redis-ha": (
+        {"redis.bundled.highAvailability.enabled": True, "generator.autoscaling.mode": "keda", "generator.autoscaling.keda.trigger": "redis", "api.env.ADMISSION_FOLLOWS_GENERATORS": False},
+        (),
+    ),
     "bundled-redis-ha-persistent-no-auth": (
         {"redis.bundled.highAvailability.enabled": True, "redis.bundled.auth.enabled": False, "redis.bundled.persistence.enabled": True},
         (),
@@ -370,8 +377,9 @@ def test_external_sentinel_is_how_both_services_find_the_primary(rendered, monke
     defaults = container_env(rendered["defaults"], deployment(rendered["defaults"], "api"), "api")
     assert defaults["REDIS_SENTINELS"] == "", "the bundled Redis is reached directly"
     # KEDA's redis trigger follows the sentinels too.
-    keda = parse(helm_template({k: v for k, v in SCENARIOS["external-redis-sentinel"][0].items()
-                                if not k.startswith("generator.autoscaling.keda") and k != "redis.external.sentinel.existingSecret"}))
+    keda = parse(helm_template({**{k: v for k, v in SCENARIOS["external-redis-sentinel"][0].items()
+                                   if not k.startswith("generator.autoscaling.keda") and k != "redis.external.sentinel.existingSecret"},
+                                "generator.autoscaling.keda.trigger": "redis", "api.env.ADMISSION_FOLLOWS_GENERATORS": False}))
     trigger = next(o for o in keda if o["kind"] == "ScaledObject")["spec"]["triggers"][0]
     assert trigger["type"] == "redis-sentinel"
     assert trigger["metadata"]["addresses"] == "s1.example:26379,s2.example:26379,s3.example:26379"
@@ -512,7 +520,7 @@ def test_hub_model_is_downloaded_by_an_init_container_with_the_token(rendered) -
 
 
 def test_scaled_object_scales_the_generator_on_arqs_queue(rendered) -> None:
-    for scenario in ("keda", "defaults-on-a-keda-cluster", "external-redis-tls-password"):
+    for scenario in ("keda-redis-trigger", "external-redis-tls-password"):
         objects = rendered[scenario]
         scaled = find(objects, "ScaledObject", "-generator")
         target = scaled["spec"]["scaleTargetRef"]
@@ -530,6 +538,28 @@ def test_scaled_object_scales_the_generator_on_arqs_queue(rendered) -> None:
     tls = find(rendered["external-redis-tls-password"], "ScaledObject", "-generator")["spec"]["triggers"][0]["metadata"]
     assert (tls["address"], tls["enableTLS"], tls["databaseIndex"]) == ("redis.example.internal:6380", "true", "2")
     assert find(rendered["keda-scale-to-zero"], "ScaledObject", "-generator")["spec"]["minReplicaCount"] == 0
+
+
+def test_scaled_object_scales_on_the_apis_demand_by_default(rendered) -> None:
+    """metrics-api: KEDA GETs /load on the API's internal Service and reads its demand (requests
+    holding a permit + waiting); the drill (tests/test_autoscaling.py) reads the same URL path."""
+    for scenario in ("keda", "defaults-on-a-keda-cluster", "keda-scale-to-zero"):
+        objects = rendered[scenario]
+        scaled = find(objects, "ScaledObject", "-generator")
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["type"] == "metrics-api" and "authenticationRef" not in trigger
+        metadata = trigger["metadata"]
+        assert all(isinstance(v, str) for v in metadata.values()), metadata
+        service = find(objects, "Service", "-api-internal")
+        (port,) = service["spec"]["ports"]
+        assert metadata["url"] == f"http://{service['metadata']['name']}.llm.svc:{port['port']}/load"
+        assert port["targetPort"] == "internal" and service["spec"]["selector"].items() <= deployment(objects, "api")["spec"]["template"]["metadata"]["labels"].items()
+        assert (metadata["valueLocation"], metadata["targetValue"], metadata["activationTargetValue"]) == ("demand", "2", "0")
+        behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+        assert behavior["scaleDown"]["stabilizationWindowSeconds"] == 300 and behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
+        env = container_env(objects, deployment(objects, "api"), "api")
+        assert env["ADMISSION_FOLLOWS_GENERATORS"] == "true" and int(env["MAX_CONCURRENT_GENERATIONS"]) >= 4
+    assert "-api-internal" not in str([o["metadata"]["name"] for o in rendered["hpa"] if o["kind"] == "Service"])
 
 
 def test_scaled_object_can_scale_on_the_apis_queue_depth_in_prometheus(rendered) -> None:
@@ -556,18 +586,31 @@ def test_scaled_object_can_scale_on_the_apis_queue_depth_in_prometheus(rendered)
 
 
 def test_chart_refuses_keda_triggers_that_cannot_work() -> None:
-    # Permits follow the live generators: with none, nothing is admitted, so arq's queue stays empty.
-    follows_from_zero = {
-        "generator.autoscaling.mode": "keda",
-        "generator.autoscaling.minReplicas": 0,
-        "api.env.ADMISSION_FOLLOWS_GENERATORS": True,
-    }
-    result = helm_template_result(follows_from_zero)
-    assert result.returncode != 0 and "cannot wake generators from zero" in result.stderr
+    # Permits follow the live generators: arq's queue never holds more than their slots admitted.
+    for min_replicas in (0, 1):
+        follows = {
+            "generator.autoscaling.mode": "keda",
+            "generator.autoscaling.minReplicas": min_replicas,
+            "generator.autoscaling.keda.trigger": "redis",
+            "api.env.ADMISSION_FOLLOWS_GENERATORS": True,
+        }
+        result = helm_template_result(follows)
+        assert result.returncode != 0 and "cannot add generators" in result.stderr
+    # arq's queue holds at most the permits: fewer than maxReplicas x target never reach maxReplicas.
+    capped = {"generator.autoscaling.mode": "keda", "generator.autoscaling.keda.trigger": "redis",
+              "api.env.ADMISSION_FOLLOWS_GENERATORS": False, "api.env.MAX_CONCURRENT_GENERATIONS": 7}
+    result = helm_template_result(capped)
+    assert result.returncode != 0 and "never reach maxReplicas" in result.stderr
+    assert helm_template_result({**capped, "api.env.MAX_CONCURRENT_GENERATIONS": 8}).returncode == 0
+    # Permits below the generators' slots: the generators beyond them would idle, whatever scales them.
+    for values in ({"api.env.MAX_CONCURRENT_GENERATIONS": 3}, {"generator.env.GENERATOR_SLOTS": 17},
+                   {"generator.autoscaling.mode": "none", "generator.replicaCount": 65}):
+        result = helm_template_result(values)
+        assert result.returncode != 0 and "would never get a request" in result.stderr, values
     result = helm_template_result({"generator.autoscaling.mode": "keda", "generator.autoscaling.keda.trigger": "prometheus"})
     assert result.returncode != 0 and "prometheus.serverAddress is required" in result.stderr
     result = helm_template_result({"generator.autoscaling.mode": "keda", "generator.autoscaling.keda.trigger": "cpu"})
-    assert result.returncode != 0 and "must be redis or prometheus" in result.stderr
+    assert result.returncode != 0 and "must be metrics-api, redis or prometheus" in result.stderr
 
 
 def test_plain_hpa_when_keda_is_absent_or_not_wanted(rendered) -> None:
@@ -795,7 +838,7 @@ def test_bundled_redis_servers_have_a_memory_limit_that_evicts_only_sessions(ren
 
 
 def test_keda_logs_in_as_its_own_redis_user(rendered) -> None:
-    for scenario, secret in (("keda", "chat-chatstream-redis"), ("external-redis-tls-password", "redis-auth")):
+    for scenario, secret in (("keda-redis-trigger", "chat-chatstream-redis"), ("external-redis-tls-password", "redis-auth")):
         objects = rendered[scenario]
         (trigger,) = find(objects, "ScaledObject", "-generator")["spec"]["triggers"]
         assert trigger["metadata"]["username"] == "chatstream-keda"
@@ -897,19 +940,24 @@ def test_network_policies_deny_all_but_what_each_pod_serves(rendered) -> None:
     clients, scrape = api["ingress"]
     assert [p["port"] for p in clients["ports"]] == ["http"] and "from" not in clients, "clients from anywhere"
     assert [p["port"] for p in scrape["ports"]] == ["internal"]
-    assert scrape["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    prometheus = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+    keda = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "keda-operator"}}}
+    # Prometheus scrapes /metrics; KEDA's metrics-api trigger (the default) reads /load.
+    assert scrape["from"] == [prometheus, keda]
+    assert _policy(rendered["hpa"], "-api")["ingress"][1]["from"] == [prometheus], "no KEDA, no door for it"
 
     generator = _policy(objects, "-generator")
     assert _selected(objects, generator) == ["chat-chatstream-generator"]
     (rule,) = generator["ingress"]
-    assert [p["port"] for p in rule["ports"]] == ["metrics"] and rule["from"] == scrape["from"]
+    assert [p["port"] for p in rule["ports"]] == ["metrics"] and rule["from"] == [prometheus]
 
     redis_policy = _policy(objects, "-redis")
     assert _selected(objects, redis_policy) == ["chat-chatstream-redis"]
     (rule,) = redis_policy["ingress"]
     assert _peer_pods(objects, rule) == ["chat-chatstream-api", "chat-chatstream-generator"]
-    (keda,) = [peer for peer in rule["from"] if "namespaceSelector" in peer]
-    assert keda == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "keda-operator"}}}
+    assert not [peer for peer in rule["from"] if "namespaceSelector" in peer], "the default trigger does not read Redis"
+    (rule,) = _policy(rendered["keda-redis-trigger"], "-redis")["ingress"]
+    assert [peer for peer in rule["from"] if "namespaceSelector" in peer] == [keda], "KEDA's redis trigger counts arq's queue"
 
     sessions = _policy(objects, "-redis-sessions")
     assert _selected(objects, sessions) == ["chat-chatstream-redis-sessions"]

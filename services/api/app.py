@@ -138,7 +138,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         Route("/metrics", metrics),
     ]
     if settings.api_internal_port:
-        app.state.internal_app = Starlette(routes=operations)
+        # /load too, without a key: KEDA's metrics-api trigger reads its demand here.
+        app.state.internal_app = Starlette(routes=[*operations, Route("/load", load)])
     else:
         app.router.routes.extend(operations)
 

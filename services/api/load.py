@@ -36,7 +36,9 @@ async def load_report(redis: Redis, semaphore: RedisSemaphore) -> dict[str, Any]
     """The load as a JSON-able dict; raises ``RedisError`` when Redis is down.
 
     ``busy``: a new request would wait for a permit now; ``queue.full``: it would be
-    refused with 429 (both by the semaphore's own acquire rule)."""
+    refused with 429 (both by the semaphore's own acquire rule). ``demand``: the
+    requests in the system (holding a permit or waiting for one), what the chart's
+    KEDA trigger scales the generators on."""
     in_use, waiting = await semaphore.counts()
     jobs = await redis.zcard(QUEUE_NAME)
     generators = await live_generators(redis)
@@ -47,6 +49,7 @@ async def load_report(redis: Redis, semaphore: RedisSemaphore) -> dict[str, Any]
     busy = in_use + waiting >= limit
     return {
         "busy": busy,
+        "demand": in_use + waiting,
         "permits": {"in_use": in_use, "limit": limit},
         "queue": {"waiting": waiting, "max": semaphore.max_waiting, "full": busy and waiting >= semaphore.max_waiting},
         "jobs_queued": jobs,

@@ -40,22 +40,30 @@ def run(args: list[str | Path], stdin: str | None = None) -> subprocess.Complete
 
 
 def helm_template(
-    values: dict[str, Any] | None = None, api_versions: tuple[str, ...] = (), release: str = "chat", namespace: str = "llm"
+    values: dict[str, Any] | None = None,
+    api_versions: tuple[str, ...] = (),
+    release: str = "chat",
+    namespace: str = "llm",
+    chart: Path = CHART,
 ) -> str:
-    """``helm template`` of the chart with ``--set-json`` values; fails the test on a render error."""
-    result = helm_template_result(values, api_versions, release, namespace)
+    """``helm template`` of the chart (or another copy of it) with ``--set-json`` values; fails the test on a render error."""
+    result = helm_template_result(values, api_versions, release, namespace, chart)
     if result.returncode != 0:
         pytest.fail(f"helm template failed with {values}:\n{result.stderr}", pytrace=False)
     return result.stdout
 
 
 def helm_template_result(
-    values: dict[str, Any] | None = None, api_versions: tuple[str, ...] = (), release: str = "chat", namespace: str = "llm"
+    values: dict[str, Any] | None = None,
+    api_versions: tuple[str, ...] = (),
+    release: str = "chat",
+    namespace: str = "llm",
+    chart: Path = CHART,
 ) -> subprocess.CompletedProcess[str]:
     """``helm template`` as a completed process, for tests that expect it to fail."""
     import json
 
-    args: list[str | Path] = [tool("helm"), "template", release, CHART, "--namespace", namespace]
+    args: list[str | Path] = [tool("helm"), "template", release, chart, "--namespace", namespace]
     for key, value in (values or {}).items():
         args += ["--set-json", f"{key}={json.dumps(value)}"]
     for api_version in api_versions:
