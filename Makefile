@@ -66,6 +66,13 @@ test: setup model
 bench-images: $(VENV)/.installed model docker-engine deploy-tools
 	$(PY) bench/images.py
 
+# Autoscaling drill: KEDA's and the HPA's rules applied to the chart's ScaledObject, with real API and
+# synthetic generator processes under a spike, a ramp, a scale-in and a scale from zero (~10 min);
+# writes bench/results/autoscaling.md and bench/results/autoscaling/*.{json,png}.
+.PHONY: bench-autoscaling
+bench-autoscaling: $(VENV)/.installed redis-server deploy-tools
+	$(PY) bench/autoscaling.py
+
 .PHONY: bench-generator
 bench-generator: $(VENV)/.installed model
 	$(PY) bench/generator_throughput.py

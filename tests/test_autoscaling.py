@@ -89,7 +89,8 @@ def test_a_spike_scales_generators_out_and_back_in_without_losing_a_stream(tmp_p
     ups = [d for d in result["decisions"] if d["to"] > d["from"]]
     assert ups[0]["by"] == "hpa" and (ups[0]["from"], ups[0]["to"]) == (1, 4), result["decisions"]
     assert max(result["timeline"]["registered"]) == 4, "the new generators took work"
-    assert max(result["timeline"]["permits"]) == 4, "permits follow the generators"
+    assert max(result["timeline"]["permits"]) == 4 and max(result["timeline"]["limit"]) == 4, "permits follow the generators"
+    assert result["timeline"]["limit"][-1] == 1, "and shrink with them"
     assert result["queue_empty_after_s"] is not None and result["timeline"]["queue"][-1] == 0
     assert result["timeline"]["replicas"][-1] == 1, result["decisions"]
     assert [p["exit_code"] for p in result["scaled_in"]] == [0, 0, 0]

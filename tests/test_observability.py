@@ -41,6 +41,7 @@ async def test_metrics_of_both_pods_move_with_real_requests(stack):
     assert after["chatstream_queue_wait_seconds_sum"] > 0.05, "three requests competed for one permit"
     assert delta("chatstream_request_duration_seconds_count") == 4
     assert after["chatstream_permits_in_use"] == 0 and after["chatstream_queue_depth"] == 0
+    assert after["chatstream_permits_limit"] == 1, "MAX_CONCURRENT_GENERATIONS"
     assert after["chatstream_redis_up"] == 1
     gen = scrape(generator.metrics_url)
     assert gen["chatstream_generator_tokens_generated_total"] == 32

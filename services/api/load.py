@@ -32,6 +32,16 @@ def _describe(generator: LiveGenerator) -> dict[str, Any]:
     return out
 
 
+async def permit_limit(redis: Redis, semaphore: RedisSemaphore) -> tuple[int, list[LiveGenerator]]:
+    """The cluster-wide permit limit now (MAX_CONCURRENT_GENERATIONS, or with
+    ADMISSION_FOLLOWS_GENERATORS the smaller of it and the live generators' slots, as the
+    acquire script computes it), and the live generators it was computed from."""
+    generators = await live_generators(redis)
+    if semaphore.capacity is None:
+        return semaphore.limit, generators
+    return min(semaphore.limit, sum(g.slots for g in generators)), generators
+
+
 async def load_report(redis: Redis, semaphore: RedisSemaphore) -> dict[str, Any]:
     """The load as a JSON-able dict; raises ``RedisError`` when Redis is down.
 
@@ -41,9 +51,8 @@ async def load_report(redis: Redis, semaphore: RedisSemaphore) -> dict[str, Any]
     KEDA trigger scales the generators on."""
     in_use, waiting = await semaphore.counts()
     jobs = await redis.zcard(QUEUE_NAME)
-    generators = await live_generators(redis)
+    limit, generators = await permit_limit(redis, semaphore)
     slots = sum(g.slots for g in generators)
-    limit = min(semaphore.limit, slots) if semaphore.capacity is not None else semaphore.limit
     # The acquire script grants a newcomer a permit while the queue ahead of it is
     # shorter than the free permits, and refuses it when the queue is also at its max.
     busy = in_use + waiting >= limit

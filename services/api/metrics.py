@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
+from services.api.load import permit_limit
 from services.common.contract import QUEUE_NAME
 from services.common.semaphore import RedisSemaphore
 
@@ -36,7 +37,8 @@ INTER_TOKEN_LATENCY = Histogram(
 QUEUE_WAIT = Histogram(
     "chatstream_queue_wait_seconds",
     "Time a request waited for a generation permit.",
-    buckets=_LATENCY_BUCKETS,
+    # Finer above 10 s, where a spike's waits fall while the autoscaler adds generators.
+    buckets=_LATENCY_BUCKETS[:-2] + (15, 20, 30, 45, 60, 90, 120),
     registry=REGISTRY,
 )
 REQUEST_DURATION = Histogram(
@@ -73,6 +75,12 @@ SEND_TIMEOUTS = Counter(
 PERMITS_IN_USE = Gauge(
     "chatstream_permits_in_use", "Generation permits held, cluster-wide (read from Redis).", registry=REGISTRY
 )
+PERMITS_LIMIT = Gauge(
+    "chatstream_permits_limit",
+    "Generation permits there are now, cluster-wide: MAX_CONCURRENT_GENERATIONS, or with ADMISSION_FOLLOWS_GENERATORS "
+    "the smaller of it and the live generators' slots.",
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "chatstream_queue_depth", "Requests waiting for a permit, cluster-wide (read from Redis).", registry=REGISTRY
 )
@@ -107,11 +115,13 @@ async def metrics_response(redis: Redis, semaphore: RedisSemaphore) -> Response:
     try:
         counts = await semaphore.tenant_counts()
         jobs = await redis.zcard(QUEUE_NAME)
+        limit, _ = await permit_limit(redis, semaphore)
     except RedisError:
         REDIS_UP.set(0)
     else:
         REDIS_UP.set(1)
         PERMITS_IN_USE.set(counts.in_use)
+        PERMITS_LIMIT.set(limit)
         QUEUE_DEPTH.set(counts.waiting)
         JOBS_QUEUED.set(jobs)
         # Only the tenants that hold or wait now: an idle one's series goes, not stays at its last value.
