@@ -410,7 +410,9 @@ async def drill(scenario: Scenario, workdir: Path, compress: float, sync: float 
         api.stop(timeout=10)
     fleet.close()
     server.close()
-    return report(scenario, chart, policy, compress, timeline, records, fleet, load_start, queue_wait)
+    # The figures count from the first request's scheduled send.
+    first_request = load_start + min(scenario.arrivals + [a for a, _, _ in scenario.phases])
+    return report(scenario, chart, policy, compress, timeline, records, fleet, first_request, queue_wait)
 
 
 def queue_wait_quantiles(apis: list[ApiServer]) -> dict[str, float | None]:
@@ -441,6 +443,16 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
     return lower
 
 
+def queue_busy_and_empty(t: list[float], queue: list[int]) -> tuple[float | None, float | None]:
+    """When requests first waited for a permit, and when the queue was empty for good
+    (the first empty sample after the last one with a request waiting)."""
+    busy = [i for i, q in enumerate(queue) if q > 0]
+    if not busy:
+        return None, None
+    after = [t[i] for i in range(busy[-1] + 1, len(t)) if queue[i] == 0]
+    return t[busy[0]], after[0] if after else None
+
+
 def report(
     scenario: Scenario,
     chart: Chart,
@@ -449,7 +461,7 @@ def report(
     timeline: Timeline,
     records: list[Request],
     fleet: Fleet,
-    load_start: float,
+    first_request: float,
     queue_wait: dict[str, float | None],
 ) -> dict[str, Any]:
     complete = [r for r in records if r.status == 200 and r.last_event == "done" and r.words == scenario.tokens]
@@ -461,14 +473,10 @@ def report(
         reason = r.error or str(r.status)
         refusals[reason] = refusals.get(reason, 0) + 1
     ups = [d for d in timeline.decisions if d["to"] > d["from"]]
-    # "Spike": when the load starts (the first request is sent).
-    first_scale_out = ups[0]["t"] - load_start if ups else None
+    first_scale_out = ups[0]["t"] - first_request if ups else None
     peak = max(timeline.replicas) if timeline.replicas else 0
     at_peak = None if peak <= scenario.initial else next((t for t, n in zip(timeline.t, timeline.registered) if n >= peak), None)
-    busy_since = next((t for t, q in zip(timeline.t, timeline.queue) if q > 0), None)
-    empty_at = None
-    if busy_since is not None:
-        empty_at = next((t for t, q in zip(timeline.t, timeline.queue) if t > busy_since and q == 0), None)
+    busy_since, empty_at = queue_busy_and_empty(timeline.t, timeline.queue)
     waits = sorted(r.first_token - r.sent for r in complete if r.first_token is not None)
     drained = [p for p in fleet.gone if p.sigterm_at is not None]
     return {
@@ -488,9 +496,9 @@ def report(
         "broken": [asdict(r) for r in broken],
         "peak_generators": peak,
         "time_to_first_scale_out_s": first_scale_out,
-        "time_to_peak_generators_registered_s": None if at_peak is None else at_peak - load_start,
-        "queue_busy_from_s": None if busy_since is None else busy_since - load_start,
-        "queue_empty_after_s": None if empty_at is None or busy_since is None else empty_at - load_start,
+        "time_to_peak_generators_registered_s": None if at_peak is None else at_peak - first_request,
+        "queue_busy_from_s": None if busy_since is None else busy_since - first_request,
+        "queue_empty_after_s": None if empty_at is None or busy_since is None else empty_at - first_request,
         "first_token_wait_s": None if not waits else {
             "p50": statistics.median(waits), "p99": waits[int(0.99 * (len(waits) - 1))], "max": waits[-1]
         },
@@ -501,7 +509,7 @@ def report(
         ],
         "decisions": timeline.decisions,
         "timeline": asdict(timeline) | {"decisions": None},
-        "load_start_s": load_start,
+        "first_request_s": first_request,
     }
 
 
@@ -512,23 +520,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tl = result["timeline"]
+    # One axis: with GENERATOR_SLOTS 1 a generator is one permit, so the lines compare directly.
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.step(tl["t"], tl["queue"], where="post", label="waiting for a permit (queue depth)")
     ax.step(tl["t"], tl["permits"], where="post", label="permits in use")
     if "limit" in tl:
         ax.step(tl["t"], tl["limit"], where="post", ls=":", label="permit limit")
-    ax2 = ax.twinx()
-    ax2.step(tl["t"], tl["replicas"], where="post", color="black", lw=2, label="generator pods (desired)")
-    ax2.step(tl["t"], tl["registered"], where="post", color="grey", ls="--", label="generators registered")
-    ax2.set_ylim(0, max(tl["replicas"] + [1]) + 1)
-    ax2.set_ylabel("generators")
+    ax.step(tl["t"], tl["replicas"], where="post", color="black", lw=2, label="generator pods (desired)")
+    ax.step(tl["t"], tl["registered"], where="post", color="grey", ls="--", label="generators registered")
     ax.set_xlabel("seconds")
-    ax.set_ylabel("requests")
+    ax.set_ylabel("requests / generators")
     for d in result["decisions"]:
         ax.axvline(d["t"], color="grey", lw=0.5, alpha=0.5)
-    lines = ax.get_legend_handles_labels()
-    lines2 = ax2.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right", fontsize=8)
+    ax.legend(loc="upper right", fontsize=8)
     ax.set_title(f"{result['scenario']}: {result['what']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -546,7 +550,7 @@ def markdown(results: list[dict[str, Any]]) -> str:
         "started and drained by a controller applying KEDA's and the HPA's rules to the chart's rendered",
         f"ScaledObject. Windows (stabilization, policy periods, cooldown) compressed {results[0]['compress']:g}x;",
         "polling (5 s) and the HPA sync (15 s) real. Times from the first request sent. First-token wait: the client's,",
-        "queue wait included; the API's queue-wait histogram is interpolated inside its buckets (10 / 30 / 60 s), as",
+        "queue wait included; the API's queue-wait histogram is interpolated inside its buckets (5, 10, 15, 20, 30, 45, 60 s...), as",
         "Prometheus's histogram_quantile does. Refused: 429 at the door (the queue's bound) or queue_timeout while waiting.",
         "",
         "| scenario | trigger | requests | completed | refused | broken | peak generators | first scale-out | peak registered | queue empty | first-token wait p50 / p99 | queue wait p50 / p99 (API histogram) |",

@@ -87,7 +87,8 @@ def test_a_spike_scales_generators_out_and_back_in_without_losing_a_stream(tmp_p
     result = asyncio.run(drill(scenario, tmp_path, compress=30, sync=3))
     assert (result["completed"], result["refused"], result["broken_streams"]) == (12, 0, 0), result["broken"]
     ups = [d for d in result["decisions"] if d["to"] > d["from"]]
-    assert ups[0]["by"] == "hpa" and (ups[0]["from"], ups[0]["to"]) == (1, 4), result["decisions"]
+    # Straight to 4 when all 12 are in by the first sync; a slow machine may take two syncs.
+    assert ups[0]["by"] == "hpa" and ups[0]["from"] == 1 and ups[-1]["to"] == 4, result["decisions"]
     assert max(result["timeline"]["registered"]) == 4, "the new generators took work"
     assert max(result["timeline"]["permits"]) == 4 and max(result["timeline"]["limit"]) == 4, "permits follow the generators"
     assert result["timeline"]["limit"][-1] == 1, "and shrink with them"
