@@ -58,8 +58,9 @@ run: $(VENV)/.installed redis-server model
 test: setup model
 	$(PY) -m pytest
 
-# Batched vs sequential generator throughput on this machine (~2 min on 2 cores);
-# writes bench/results/generator_throughput.{json,md}.
+# Generator throughput on this machine: ours batched and sequential, and vLLM's CPU build on the same model,
+# prompts and token counts (~8 min on 2 cores; creates bench/.venv-vllm, ~3.5 GB, once);
+# writes bench/results/generator_throughput.{json,md,png}.
 # Image sizes, cold and cached build times, cold start of the chart's pods to ready (~4 min);
 # writes bench/results/images.{json,md}. Needs the Docker Engine.
 .PHONY: bench-images
