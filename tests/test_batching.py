@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -142,7 +143,8 @@ async def test_batched_greedy_equals_sequential_with_the_default_model_in_float3
         expected = await sequentially(sequential, prompts, samplings)
     finally:
         sequential.close()
-    batched = create_engine(settings(default_model, slots=4, dtype="float32"))
+    # Prompts of 30-40 tokens prefilled 8 at a time: chunked prefill is exact too.
+    batched = create_engine(settings(default_model, slots=4, dtype="float32", prefill_chunk_tokens=8))
     try:
         got = await concurrently(batched, prompts, samplings)
     finally:
@@ -236,3 +238,60 @@ async def test_one_generator_with_four_slots_streams_four_requests_at_once(stack
     # Batched, each reply is the one the same prompt gets when it runs alone.
     assert [r.text for r in together] == [r.text for r in alone]
     assert all(len(r.chunks) > 20 for r in together)
+
+
+# ---------------------------------------------------------------- chunked prefill
+
+LONG_PROMPT = "Tell me about " + " ".join(f"the river number {i} and its stones" for i in range(15))
+
+
+async def test_chunked_prefill_gives_the_reply_a_single_pass_gives(tiny_model):
+    """A prompt prefilled 16 tokens at a time, next to a short one, decodes to the same text
+    as with each prompt in one pass (float32 tiny model, greedy)."""
+    samplings = [greedy(max_new_tokens=40)] * 2
+    replies = {}
+    for chunk in (0, 16):
+        engine = create_engine(settings(tiny_model, slots=2, prefill_chunk_tokens=chunk))
+        try:
+            replies[chunk] = await concurrently(engine, [LONG_PROMPT, PROMPTS[0]], samplings)
+        finally:
+            engine.close()
+    assert replies[16][0].prompt_tokens > 10 * 16, "the long prompt takes many chunks"
+    assert [r.outcome() for r in replies[16]] == [r.outcome() for r in replies[0]]
+
+
+def test_a_running_stream_gets_a_token_after_every_chunk_of_a_long_prompt(tiny_model):
+    """The decode thread's own order of emissions: while a 320-token prompt is prefilled in
+    chunks of 16, the running sequence gets a token between chunks; in one pass, none."""
+    from transformers import AutoModelForCausalLM
+
+    from services.generator.batching import BatchScheduler, Sequence
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    prompt = list(range(5, 325))
+
+    def tokens_of_the_running_sequence_during_the_prefill(chunk: int) -> int:
+        events: list[str] = []
+        scheduler = BatchScheduler(model, "cpu", slots=2, chunk_tokens=chunk)
+
+        def sequence(name: str, prompt_ids: list[int], tokens: int) -> Sequence:
+            return Sequence(prompt_ids, tokens, greedy(tokens), set(), threading.Event(), lambda _: events.append(name))
+
+        try:
+            running, joining = sequence("a", [1, 2, 3], 2000), sequence("b", prompt, 1)
+            scheduler.submit(running)
+            deadline = time.monotonic() + 30
+            while events.count("a") < 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            events.append("submitted")
+            scheduler.submit(joining)
+            assert joining.done.wait(30) and joining.error is None
+            running.cancel.set()
+            assert running.done.wait(30)
+        finally:
+            scheduler.stop()
+        start, first = events.index("submitted"), events.index("b")
+        return events[start:first].count("a")
+
+    assert tokens_of_the_running_sequence_during_the_prefill(16) >= len(prompt) // 16 - 2
+    assert tokens_of_the_running_sequence_during_the_prefill(0) <= 1

@@ -1,9 +1,12 @@
 """Continuous batching: many generations share one decode loop, so a pod serves
 ``GENERATOR_SLOTS`` streams at once for little more than the cost of one.
 
-One thread owns the model. Each step it admits waiting requests (a prefill of the
-new prompt alone, whose key/value cache then joins the batch), drops the ones that
-finished or were cancelled, and runs a single forward pass for every running
+One thread owns the model. Each step it admits waiting requests and prefills their
+prompts, each alone, at most ``PREFILL_CHUNK_TOKENS`` prompt tokens per step (chunked
+prefill: a long prompt takes several steps, so the streams already running get a
+token after every chunk instead of waiting for the whole prompt); a prompt's
+key/value cache joins the batch once it is complete. Then it drops the sequences
+that finished or were cancelled and runs a single forward pass for every running
 sequence. Sequences of different lengths share the batch through left padding: the
 KV cache of each layer is one ``[batch, heads, length, dim]`` tensor whose shorter
 rows are padded on the left, an attention mask hides the padding, and explicit
@@ -67,7 +70,9 @@ class BatchingEngine(TransformersEngine):
         self._executor.shutdown(wait=False)
         self._executor = ThreadPoolExecutor(max_workers=settings.generator_slots, thread_name_prefix="sequence")
         self._eos_ids = eos_token_ids(self.model, self.tokenizer)
-        self._scheduler = BatchScheduler(self.model, self.device, settings.generator_slots)
+        self._scheduler = BatchScheduler(
+            self.model, self.device, settings.generator_slots, settings.prefill_chunk_tokens
+        )
 
     def _generate_blocking(
         self,
@@ -116,6 +121,8 @@ class Sequence:
     error: BaseException | None = None
     _processors: Any = field(default=None, init=False, repr=False)  # built on first use, in the decode thread
     _generator: Any = field(default=None, init=False, repr=False)  # this request's own RNG when seeded
+    cache: Any = field(default=None, init=False, repr=False)  # its own KV cache while its prompt is prefilled
+    prefilled: int = field(default=0, init=False)  # prompt tokens in that cache
 
     @property
     def finished(self) -> bool:
@@ -179,12 +186,15 @@ def _logits_processors(sampling: ResolvedSampling) -> Any:
 class BatchScheduler:
     """The decode loop: one thread, one model, up to ``slots`` sequences per step."""
 
-    def __init__(self, model: Any, device: str, slots: int) -> None:
+    def __init__(self, model: Any, device: str, slots: int, chunk_tokens: int = 0) -> None:
+        """``chunk_tokens``: most prompt tokens prefilled between two decode steps (0: no limit)."""
         _check_supported(model)
         self._model = model
         self._device = device
         self._slots = slots
+        self._chunk_tokens = chunk_tokens
         self._waiting: deque[Sequence] = deque()
+        self._prefilling: deque[Sequence] = deque()  # admitted, prompt not complete yet: slots of their own
         self._wakeup = threading.Condition()
         self._stopping = False
         self._batch = _Batch()
@@ -218,16 +228,16 @@ class BatchScheduler:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    while not self._stopping and not self._waiting and not self._batch.sequences:
+                    while not self._stopping and not self._waiting and not self._prefilling and not self._batch.sequences:
                         self._wakeup.wait()
                     if self._stopping:
                         break
                     admitted = []
-                    while self._waiting and len(self._batch.sequences) + len(admitted) < self._slots:
+                    while self._waiting and len(self._batch.sequences) + len(self._prefilling) + len(admitted) < self._slots:
                         admitted.append(self._waiting.popleft())
                 try:
-                    for sequence in admitted:
-                        self._admit(sequence)
+                    self._prefilling.extend(admitted)
+                    self._prefill()
                     self._batch.evict_finished()
                     if self._batch.sequences:
                         self._step()
@@ -235,41 +245,67 @@ class BatchScheduler:
                 except Exception as exc:
                     # A bug here must not leave requests waiting forever on a dead loop.
                     logger.exception("the decode loop failed; ending the %d sequences in the batch", self.running)
-                    for sequence in {*admitted, *self._batch.sequences}:
+                    for sequence in {*admitted, *self._prefilling, *self._batch.sequences}:
                         if not sequence.done.is_set():
                             sequence.end(exc)
-                    self._batch = _Batch()
+                    self._batch, self._prefilling = _Batch(), deque()
         error = RuntimeError("the generator is shutting down")
         with self._wakeup:
             waiting, self._waiting = list(self._waiting), deque()
-        for sequence in [*self._batch.sequences, *waiting]:
+        for sequence in [*self._batch.sequences, *self._prefilling, *waiting]:
             sequence.end(error)
-        self._batch = _Batch()
+        self._batch, self._prefilling = _Batch(), deque()
 
-    def _admit(self, sequence: Sequence) -> None:
-        """Prefill the prompt alone, pick the first token, and join the batch."""
+    def _prefill(self) -> None:
+        """Prefill the admitted prompts in order, each alone, up to the step's token budget;
+        a sequence whose prompt is complete picks its first token and joins the batch."""
+        budget = self._chunk_tokens or None
+        while self._prefilling and budget != 0:
+            sequence = self._prefilling[0]
+            if sequence.cancel.is_set():
+                self._prefilling.popleft()
+                sequence.end()
+                continue
+            remaining = len(sequence.prompt_ids) - sequence.prefilled
+            take = remaining if budget is None else min(remaining, budget)
+            try:
+                logits = self._prefill_chunk(sequence, take)
+            except Exception as exc:
+                logger.exception("prefill failed for a sequence of %d prompt tokens", len(sequence.prompt_ids))
+                self._prefilling.popleft()
+                sequence.cache = None
+                sequence.end(exc)
+                continue
+            if budget is not None:
+                budget -= take
+            if sequence.prefilled < len(sequence.prompt_ids):
+                return  # the budget ran out inside this prompt: the rest after the next decode step
+            self._prefilling.popleft()
+            cache, sequence.cache = sequence.cache, None
+            sequence.accept(sequence.choose(logits))
+            self._batch.join(sequence, cache, len(sequence.prompt_ids))
+
+    def _prefill_chunk(self, sequence: Sequence, take: int) -> Any:
+        """Run the next ``take`` prompt tokens of ``sequence`` into its own cache; the
+        float logits of the last one."""
         import torch
         from transformers import DynamicCache
 
-        if sequence.cancel.is_set():
-            sequence.end()
-            return
-        try:
-            cache = DynamicCache(config=self._model.config)
-            input_ids = torch.tensor([sequence.prompt_ids], device=self._device)
-            out = self._model(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            sequence.accept(sequence.choose(out.logits[:, -1, :].float()))
-        except Exception as exc:
-            logger.exception("prefill failed for a sequence of %d prompt tokens", len(sequence.prompt_ids))
-            sequence.end(exc)
-            return
-        self._batch.join(sequence, out.past_key_values, len(sequence.prompt_ids))
+        if sequence.cache is None:
+            sequence.cache = DynamicCache(config=self._model.config)
+        start = sequence.prefilled
+        input_ids = torch.tensor([sequence.prompt_ids[start : start + take]], device=self._device)
+        out = self._model(
+            input_ids=input_ids,
+            # The whole row so far: the cache's tokens and this chunk, none of them padding.
+            attention_mask=torch.ones((1, start + take), dtype=torch.long, device=self._device),
+            past_key_values=sequence.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        sequence.cache = out.past_key_values
+        sequence.prefilled = start + take
+        return out.logits[:, -1, :].float()
 
     def _step(self) -> None:
         """One forward pass for every sequence in the batch, one new token each."""

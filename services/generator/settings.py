@@ -59,6 +59,13 @@ class GeneratorSettings(CommonSettings):
         description="Concurrent requests per pod (the arq worker's max_jobs). Above 1 the transformers backend "
         "decodes them together in one batch (continuous batching); 1 runs them one after another.",
     )
+    prefill_chunk_tokens: int = Field(
+        512,
+        ge=0,
+        description="With GENERATOR_SLOTS above 1: most prompt tokens prefilled between two decode steps (chunked "
+        "prefill), so a long prompt joins the batch in chunks while the running streams keep getting tokens; 0 "
+        "prefills each prompt in one pass.",
+    )
     synthetic_tokens_per_second: float = Field(50.0, gt=0.0, description="Token rate of the synthetic backend.")
     synthetic_fail_after_tokens: int = Field(-1, description="Fault drill: the synthetic backend raises after this many tokens (-1 = never).")
     synthetic_stall_after_tokens: int = Field(
