@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from services.common.contract import ChatMessage, FinishReason
-from services.generator.batching import BatchingEngine
+from services.generator.batching import BatchingEngine, BatchScheduler
 from services.generator.engine import Engine, ResolvedSampling, TransformersEngine, create_engine
 from services.generator.settings import GeneratorSettings
 from tests.conftest import tiny_generator_env
@@ -135,7 +135,7 @@ async def test_batched_greedy_text_equals_sequential_for_concurrent_prompts_of_d
         assert len(have.deltas) > 10, "tokens are streamed one by one, not handed over at the end"
 
 
-async def test_batched_greedy_equals_sequential_with_the_default_model_in_float32(default_model):
+async def test_batched_greedy_equals_sequential_with_the_default_model_in_float32(default_model, monkeypatch):
     # float32: bfloat16 rounding depends on the batch shape, see services/generator/batching.py.
     prompts, samplings = PROMPTS[:4], [greedy(max_new_tokens=32, repetition_penalty=1.1)] * 4
     sequential = create_engine(settings(default_model, slots=1, dtype="float32"))
@@ -152,6 +152,23 @@ async def test_batched_greedy_equals_sequential_with_the_default_model_in_float3
     assert [r.outcome() for r in got] == [r.outcome() for r in expected]
     assert "Paris" in got[1].text
     assert any(r.finish_reason is FinishReason.STOP for r in got), "an end-of-sequence must end just its own request"
+
+    # Arriving together, with no chunk limit: the prompts go through the model in one left-padded pass.
+    groups: list[int] = []
+    prefill_together = BatchScheduler._prefill_together
+
+    def counted(scheduler, group):
+        groups.append(len(group))
+        return prefill_together(scheduler, group)
+
+    monkeypatch.setattr(BatchScheduler, "_prefill_together", counted)
+    batched = create_engine(settings(default_model, slots=4, dtype="float32", prefill_chunk_tokens=0))
+    try:
+        together = await asyncio.gather(*(generate(batched, p, s) for p, s in zip(prompts, samplings)))
+    finally:
+        batched.close()
+    assert max(groups, default=0) >= 2, groups
+    assert [r.outcome() for r in together] == [r.outcome() for r in expected]
 
 
 async def test_cancelling_one_request_leaves_the_others_complete_and_intact(tiny_sequential, tiny_batched):

@@ -2,7 +2,8 @@
 ``GENERATOR_SLOTS`` streams at once for little more than the cost of one.
 
 One thread owns the model. Each step it admits waiting requests and prefills their
-prompts, each alone, at most ``PREFILL_CHUNK_TOKENS`` prompt tokens per step (chunked
+prompts (those that arrived together in one left-padded pass, a long one alone), at
+most ``PREFILL_CHUNK_TOKENS`` prompt tokens per step (chunked
 prefill: a long prompt takes several steps, so the streams already running get a
 token after every chunk instead of waiting for the whole prompt); a prompt's
 key/value cache joins the batch once it is complete. Then it drops the sequences
@@ -257,10 +258,18 @@ class BatchScheduler:
         self._batch, self._prefilling = _Batch(), deque()
 
     def _prefill(self) -> None:
-        """Prefill the admitted prompts in order, each alone, up to the step's token budget;
-        a sequence whose prompt is complete picks its first token and joins the batch."""
+        """Prefill the admitted prompts in order, up to the step's token budget; a sequence
+        whose prompt is complete picks its first token and joins the batch. Whole prompts
+        that fit the budget together go through the model in one pass (left-padded, as the
+        batch is), so requests arriving together do not wait for each other's prefill."""
         budget = self._chunk_tokens or None
         while self._prefilling and budget != 0:
+            group = self._whole_prompts_within(budget)
+            if len(group) > 1:
+                self._prefill_together(group)
+                if budget is not None:
+                    budget -= sum(len(s.prompt_ids) for s in group)
+                continue
             sequence = self._prefilling[0]
             if sequence.cancel.is_set():
                 self._prefilling.popleft()
@@ -283,7 +292,55 @@ class BatchScheduler:
             self._prefilling.popleft()
             cache, sequence.cache = sequence.cache, None
             sequence.accept(sequence.choose(logits))
-            self._batch.join(sequence, cache, len(sequence.prompt_ids))
+            self._batch.join([sequence], cache, _ones_mask(len(sequence.prompt_ids), cache.layers[0].keys.device))
+
+    def _whole_prompts_within(self, budget: int | None) -> list[Sequence]:
+        """The waiting prompts at the head of the line, not started and not cancelled, whose
+        tokens fit ``budget`` together (no limit: all of them)."""
+        group, used = [], 0
+        for sequence in self._prefilling:
+            length = len(sequence.prompt_ids)
+            if sequence.prefilled or sequence.cancel.is_set() or (budget is not None and used + length > budget):
+                break
+            group.append(sequence)
+            used += length
+        return group
+
+    def _prefill_together(self, group: list[Sequence]) -> None:
+        """One forward pass over several whole prompts, left-padded to the longest; their
+        rows of the cache join the batch together."""
+        import torch
+        from transformers import DynamicCache
+
+        for _ in group:
+            self._prefilling.popleft()
+        width = max(len(s.prompt_ids) for s in group)
+        input_ids = torch.zeros((len(group), width), dtype=torch.long, device=self._device)
+        mask = torch.zeros_like(input_ids)
+        for row, sequence in enumerate(group):
+            length = len(sequence.prompt_ids)
+            input_ids[row, width - length :] = torch.tensor(sequence.prompt_ids, device=self._device)
+            mask[row, width - length :] = 1
+        # As model.generate positions a left-padded batch: padding gets a position it never attends from.
+        position_ids = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+        try:
+            out = self._model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=DynamicCache(config=self._model.config),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits[:, -1, :].float()
+            for row, sequence in enumerate(group):
+                sequence.accept(sequence.choose(logits[row : row + 1]))
+        except Exception as exc:
+            logger.exception("prefill failed for %d prompts of up to %d tokens", len(group), width)
+            for sequence in group:
+                sequence.end(exc)
+            return
+        self._batch.join(group, out.past_key_values, mask)
 
     def _prefill_chunk(self, sequence: Sequence, take: int) -> Any:
         """Run the next ``take`` prompt tokens of ``sequence`` into its own cache; the
@@ -348,20 +405,20 @@ class _Batch:
         self.cache: Any = None
         self.mask: Any = None
 
-    def join(self, sequence: Sequence, cache: Any, length: int) -> None:
-        """Add a prefilled sequence, padding the shorter of batch and newcomer on the left."""
+    def join(self, sequences: list[Sequence], cache: Any, new_mask: Any) -> None:
+        """Add prefilled sequences (their cache rows and mask, left-padded among themselves),
+        padding the shorter of batch and newcomers on the left."""
         import torch
 
-        new_mask = torch.ones((1, length), dtype=torch.long, device=cache.layers[0].keys.device)
         if not self.sequences:
-            self.sequences, self.cache, self.mask = [sequence], cache, new_mask
+            self.sequences, self.cache, self.mask = list(sequences), cache, new_mask
             return
-        width = max(self.mask.shape[1], length)
+        width = max(self.mask.shape[1], new_mask.shape[1])
         for ours, theirs in zip(self.cache.layers, cache.layers, strict=True):
             ours.keys = torch.cat([_pad_left(ours.keys, width, 2), _pad_left(theirs.keys, width, 2)])
             ours.values = torch.cat([_pad_left(ours.values, width, 2), _pad_left(theirs.values, width, 2)])
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(new_mask, width, 1)])
-        self.sequences.append(sequence)
+        self.sequences.extend(sequences)
 
     def evict_finished(self) -> None:
         """Drop finished and cancelled sequences and the padding no one needs any more."""
@@ -385,6 +442,13 @@ class _Batch:
             self.sequences, self.cache, self.mask = [], None, None
         for sequence in leaving:
             sequence.end()
+
+
+def _ones_mask(length: int, device: Any) -> Any:
+    """The attention mask of one unpadded row."""
+    import torch
+
+    return torch.ones((1, length), dtype=torch.long, device=device)
 
 
 def _pad_left(tensor: Any, width: int, dim: int) -> Any:
