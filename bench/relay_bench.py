@@ -46,6 +46,7 @@ import psutil  # noqa: E402
 import redis  # noqa: E402
 
 from services.common.contract import GENERATORS_KEY  # noqa: E402
+from bench.venvs import ensure_venv  # noqa: E402
 from tests.support.processes import RedisServer, free_port, wait_until  # noqa: E402
 
 CHATSTREAM_VENV = REPO / "bench" / ".venv-chatstream"
@@ -290,17 +291,7 @@ async def low_load(target: Target, requests: int, tokens: int) -> dict[str, Any]
 
 
 def ensure_chatstream_venv() -> Path | None:
-    python = CHATSTREAM_VENV / "bin" / "python"
-    if python.exists() and subprocess.run([python, "-c", "import chatstream, uvicorn, psutil"], capture_output=True).returncode == 0:
-        return python
-    print(f"creating {CHATSTREAM_VENV} (torch CPU + chatstream==0.3.0; a few minutes, once)", flush=True)
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(CHATSTREAM_VENV)], check=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", *CHATSTREAM_PACKAGES], check=True)
-    except subprocess.CalledProcessError as exc:
-        print(f"chatstream baseline skipped: {exc}", flush=True)
-        return None
-    return python
+    return ensure_venv(CHATSTREAM_VENV, CHATSTREAM_PACKAGES, "chatstream, uvicorn, psutil")
 
 
 def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
