@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from services.common.contract import ChatMessage  # noqa: E402
-from services.generator.engine import ResolvedSampling, create_engine  # noqa: E402
+from services.generator.engine import ResolvedSampling  # noqa: E402
+from services.generator.factory import create_engine  # noqa: E402
 from services.generator.settings import DEFAULT_MODEL_DIR, GeneratorSettings  # noqa: E402
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from services.common.contract import ChatMessage, FinishReason
 from services.generator.batching import BatchingEngine, BatchScheduler
-from services.generator.engine import Engine, ResolvedSampling, TransformersEngine, create_engine
+from services.generator.engine import Engine, ResolvedSampling, TransformersEngine
+from services.generator.factory import create_engine
 from services.generator.settings import GeneratorSettings
 from tests.conftest import tiny_generator_env
 from tests.support.client import stream_chat

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from services.common.contract import ChatMessage, FinishReason, HistoryWindow, SamplingParams
 from services.generator.detokenizer import IncrementalDetokenizer
 from services.generator.prompt import InputTooLong, fit_conversation
-from services.generator.settings import Backend, GeneratorSettings
+from services.generator.settings import GeneratorSettings
 
 logger = logging.getLogger(__name__)
 
@@ -336,15 +336,3 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
         elif isinstance(value, list):
             ids.update(v for v in value if isinstance(v, int))
     return ids
-
-
-def create_engine(settings: GeneratorSettings) -> Engine:
-    """The engine selected by ``GENERATOR_BACKEND`` and, for transformers, ``GENERATOR_SLOTS``."""
-    if settings.generator_backend is Backend.SYNTHETIC:
-        logger.warning("GENERATOR_BACKEND=synthetic: no model runs; replies are a fixed echo (benchmarks only)")
-        return SyntheticEngine(settings)
-    if settings.generator_slots > 1:
-        from services.generator.batching import BatchingEngine
-
-        return BatchingEngine(settings)
-    return TransformersEngine(settings)

@@ -34,7 +34,8 @@ from services.common.registry import register_generator, unregister_generator
 from services.common.semaphore import GENERATIONS
 from services.common.watchdog import Progress, Stall, stalls
 from services.generator import metrics
-from services.generator.engine import Engine, create_engine
+from services.generator.engine import Engine
+from services.generator.factory import create_engine
 from services.generator.job import JobRunner
 from services.generator.settings import GeneratorSettings
 
