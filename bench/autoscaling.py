@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 
 from bench.autoscaler import Autoscaler, Policy  # noqa: E402
-from tests.support.client import scrape  # noqa: E402
+from tests.support.client import parse_sse_block, scrape  # noqa: E402
 from tests.support.deploy import CHART, container_env, find, helm_template, parse  # noqa: E402
 from tests.support.processes import ApiServer, RedisServer, Service, free_port  # noqa: E402
 
@@ -166,7 +166,6 @@ def internal_url(api: ApiServer) -> str:
 class Pod:
     service: Service
     metrics_url: str
-    started: float
     sigterm_at: float | None = None
     busy_at_sigterm: float | None = None
     exit_code: int | None = None
@@ -191,7 +190,7 @@ class Fleet:
             name = f"gen-{self._count}"
             env = {**self.env, "WORKER_ID": name, "METRICS_PORT": str(port)}
             service = Service(name, ["-m", "services.generator"], env, self.workdir)
-            self.pods.append(Pod(service, f"http://127.0.0.1:{port}/metrics", now))
+            self.pods.append(Pod(service, f"http://127.0.0.1:{port}/metrics"))
         while len(self.pods) > replicas:
             pod = self.pods.pop()
             try:
@@ -242,16 +241,16 @@ async def one_request(base_url: str, sent: float, tokens: int, t0: float) -> Req
                     buffer += chunk
                     *blocks, buffer = buffer.split("\n\n")
                     for block in blocks:
-                        name = next((line[7:] for line in block.split("\n") if line.startswith("event: ")), "")
-                        data = next((line[6:] for line in block.split("\n") if line.startswith("data: ")), "")
+                        name, data, _, _ = parse_sse_block(block)
+                        if data is None:
+                            continue  # the opening "retry:" block
                         if name == "error":
-                            record.error = json.loads(data).get("code", "error")
-                        if name == "token":
+                            record.error = data.get("code", "error")
+                        elif name == "token":
                             if record.first_token is None:
                                 record.first_token = time.monotonic() - t0
-                            text += json.loads(data)["text"]
-                        if name:
-                            record.last_event = name
+                            text += data["text"]
+                        record.last_event = name
             record.words = len(text.split())
         except httpx.HTTPError as exc:
             record.error = repr(exc)
@@ -275,7 +274,6 @@ class Scenario:
     # Closed loop, after the arrivals: (from, until, clients), each client sending its next request
     # as soon as its last one ended, as a chat user does.
     phases: list[tuple[float, float, int]] = field(default_factory=list)
-    ends_when_scaled_in: bool = True
 
 
 def spike(n: int = 60, over: float = 5.0) -> list[float]:
@@ -399,7 +397,7 @@ async def drill(scenario: Scenario, workdir: Path, compress: float, sync: float 
             timeline.registered.append(len(load["generators"]))
             done = sender.done() and all(r.done() for r in requests)
             settled = scaler.replicas == policy.min_replicas and not fleet.terminating
-            if done and (settled or not scenario.ends_when_scaled_in):
+            if done and settled:
                 break
             if now > deadline:
                 break

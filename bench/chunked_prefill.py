@@ -27,15 +27,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.generator_throughput import quantile  # noqa: E402
 from services.common.contract import ChatMessage  # noqa: E402
 from services.generator.engine import ResolvedSampling  # noqa: E402
 from services.generator.factory import create_engine  # noqa: E402
 from services.generator.settings import DEFAULT_MODEL_DIR, GeneratorSettings  # noqa: E402
-
-
-def quantile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 async def one_level(model: str, chunk: int, streams: int, tokens: int, long_words: int) -> dict:

@@ -355,7 +355,7 @@ class BatchScheduler:
         out = self._model(
             input_ids=input_ids,
             # The whole row so far: the cache's tokens and this chunk, none of them padding.
-            attention_mask=torch.ones((1, start + take), dtype=torch.long, device=self._device),
+            attention_mask=_ones_mask(start + take, self._device),
             past_key_values=sequence.cache,
             use_cache=True,
             logits_to_keep=1,

@@ -41,7 +41,7 @@ class StreamedReply:
         """[(event name, JSON data, id or '')]; blocks without data (``retry:``) are skipped."""
         events = []
         for block in self.text.split("\n\n"):
-            name, data, event_id, _ = _parse_sse_block(block)
+            name, data, event_id, _ = parse_sse_block(block)
             if data is not None:
                 events.append((name, data, event_id))
         return events
@@ -147,7 +147,7 @@ async def stream_resuming(
                         buffer += chunk
                         *blocks, buffer = buffer.split("\n\n")
                         for block in blocks:
-                            name, data, event_id, block_retry = _parse_sse_block(block)
+                            name, data, event_id, block_retry = parse_sse_block(block)
                             if block_retry is not None:
                                 retry = block_retry / 1000
                             if data is None:
@@ -166,7 +166,8 @@ async def stream_resuming(
     raise TimeoutError(f"no end of {result.request_id or 'the request'} within {give_up_after}s: {result}")
 
 
-def _parse_sse_block(block: str) -> tuple[str, dict | None, str, int | None]:
+def parse_sse_block(block: str) -> tuple[str, dict | None, str, int | None]:
+    """One server-sent event: (event name, JSON data or None, id, retry)."""
     name, data, event_id, retry = "message", "", "", None
     for line in block.split("\n"):
         if line.startswith("event: "):

@@ -264,6 +264,11 @@ OTEL_TRACES_EXPORTER: "none"
 {{- end }}
 {{- end }}
 
+{{/* The trigger KEDA scales the generators on (generator.autoscaling.keda.trigger); empty when KEDA does not scale them. */}}
+{{- define "chatstream.kedaTrigger" -}}
+{{- if eq (include "chatstream.generatorAutoscaler" .) "keda" }}{{ .Values.generator.autoscaling.keda.trigger }}{{ end }}
+{{- end }}
+
 {{/* The generator's metrics port (generator.env.METRICS_PORT); 0 when its metrics are off. */}}
 {{- define "chatstream.generatorMetricsPort" -}}
 {{- int (default 0 .Values.generator.env.METRICS_PORT) }}
