@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.generator_throughput import quantile  # noqa: E402
 from services.common.contract import ChatMessage  # noqa: E402
-from services.generator.engine import ResolvedSampling  # noqa: E402
+from services.generator.sampling import ResolvedSampling  # noqa: E402
 from services.generator.factory import create_engine  # noqa: E402
 from services.generator.settings import DEFAULT_MODEL_DIR, GeneratorSettings  # noqa: E402
 

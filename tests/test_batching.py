@@ -14,9 +14,11 @@ import httpx
 import pytest
 
 from services.common.contract import ChatMessage, FinishReason
-from services.generator.batching import BatchingEngine, BatchScheduler
-from services.generator.engine import Engine, ResolvedSampling, TransformersEngine
+from services.generator.batching import BatchScheduler
+from services.generator.decoding import DecodeRequest, SequentialDecoder
+from services.generator.engine import Engine, TransformersEngine
 from services.generator.factory import create_engine
+from services.generator.sampling import ResolvedSampling
 from services.generator.settings import GeneratorSettings
 from tests.conftest import tiny_generator_env
 from tests.support.client import stream_chat
@@ -87,14 +89,14 @@ async def concurrently(engine: Engine, prompts: list[str], samplings: list[Resol
 class BatchSizeProbe:
     """Records the largest batch the decode loop ran while it was active."""
 
-    def __init__(self, engine: BatchingEngine) -> None:
+    def __init__(self, engine: TransformersEngine) -> None:
         self.largest = 0
         self._engine = engine
         self._task = asyncio.create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:
-            self.largest = max(self.largest, self._engine._scheduler.running)
+            self.largest = max(self.largest, self._engine.decoder.running)
             await asyncio.sleep(0.001)
 
     def stop(self) -> int:
@@ -116,9 +118,9 @@ def tiny_batched(tiny_model):
     engine.close()
 
 
-def test_generator_slots_select_the_engine(tiny_sequential, tiny_batched):
-    assert type(tiny_sequential) is TransformersEngine
-    assert isinstance(tiny_batched, BatchingEngine)
+def test_generator_slots_select_the_decoder(tiny_sequential, tiny_batched):
+    assert isinstance(tiny_sequential, TransformersEngine) and isinstance(tiny_sequential.decoder, SequentialDecoder)
+    assert isinstance(tiny_batched, TransformersEngine) and isinstance(tiny_batched.decoder, BatchScheduler)
 
 
 async def test_batched_greedy_text_equals_sequential_for_concurrent_prompts_of_different_lengths(
@@ -194,7 +196,7 @@ async def test_a_consumer_that_stops_reading_frees_its_slot(tiny_batched):
     async for _ in generation:
         break
     await generation.__aiter__().aclose()  # what an abandoned async for does, made prompt
-    assert tiny_batched._scheduler.running == 0
+    assert tiny_batched.decoder.running == 0
     assert generation.completion_tokens < 400
 
 
@@ -283,29 +285,36 @@ def test_a_running_stream_gets_a_token_after_every_chunk_of_a_long_prompt(tiny_m
     chunks of 16, the running sequence gets a token between chunks; in one pass, none."""
     from transformers import AutoModelForCausalLM
 
-    from services.generator.batching import BatchScheduler, Sequence
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     prompt = list(range(5, 325))
 
     def tokens_of_the_running_sequence_during_the_prefill(chunk: int) -> int:
         events: list[str] = []
+        errors: list[BaseException | None] = []
         scheduler = BatchScheduler(model, "cpu", slots=2, chunk_tokens=chunk)
 
-        def sequence(name: str, prompt_ids: list[int], tokens: int) -> Sequence:
-            return Sequence(prompt_ids, tokens, greedy(tokens), set(), threading.Event(), lambda _: events.append(name))
+        def sequence(name: str, prompt_ids: list[int], tokens: int) -> tuple[DecodeRequest, threading.Event]:
+            done = threading.Event()
+
+            def finish(error: BaseException | None) -> None:
+                errors.append(error)
+                done.set()
+
+            request = DecodeRequest(prompt_ids, tokens, greedy(tokens), emit=lambda _: events.append(name), finish=finish)
+            return request, done
 
         try:
-            running, joining = sequence("a", [1, 2, 3], 2000), sequence("b", prompt, 1)
+            (running, running_done), (joining, joining_done) = sequence("a", [1, 2, 3], 2000), sequence("b", prompt, 1)
             scheduler.submit(running)
             deadline = time.monotonic() + 30
             while events.count("a") < 3 and time.monotonic() < deadline:
                 time.sleep(0.001)
             events.append("submitted")
             scheduler.submit(joining)
-            assert joining.done.wait(30) and joining.error is None
+            assert joining_done.wait(30)
             running.cancel.set()
-            assert running.done.wait(30)
+            assert running_done.wait(30)
+            assert errors == [None, None]
         finally:
             scheduler.stop()
         start, first = events.index("submitted"), events.index("b")

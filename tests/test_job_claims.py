@@ -11,16 +11,21 @@ from redis.asyncio import Redis
 
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.utils import timestamp_ms
+from services.common.contract import GENERATORS_KEY, affinity_key
 from services.common.semaphore import GENERATIONS
 from services.generator.worker import _CLAIM_JOBS
 from tests.support.processes import eventually
 
 
 def claim_keys(queue: str, ids: list[str]) -> list[str]:
-    keys = [queue, GENERATIONS.holders]
+    keys = [queue, GENERATIONS.holders, GENERATORS_KEY]
     for job_id in ids:
-        keys += [in_progress_key_prefix + job_id, job_key_prefix + job_id]
+        keys += [in_progress_key_prefix + job_id, job_key_prefix + job_id, affinity_key(job_id)]
     return keys
+
+
+def claim_args(now: int, ttl_ms: int, free: int, ids: list[str], worker: str = "me", wait_ms: int = 20) -> list:
+    return [now, ttl_ms, free, worker, wait_ms, *ids]
 
 
 async def test_only_due_queued_unclaimed_jobs_are_claimed_once(redis_server) -> None:
@@ -35,11 +40,11 @@ async def test_only_due_queued_unclaimed_jobs_are_claimed_once(redis_server) -> 
     ids = ["due", "taken", "later", "gone"]
     keys = claim_keys(queue, ids)
 
-    claimed, orphaned = await claim(keys=keys, args=[now, 5000, 10, *ids])
+    claimed, orphaned, _ = await claim(keys=keys, args=claim_args(now, 5000, 10, ids))
     assert claimed[::2] == [b"due"] and int(float(claimed[1])) == now - 10 and orphaned == []
     assert 0 < await redis.pttl(in_progress_key_prefix + "due") <= 5000
     # A second worker polling the same ids gets nothing: the first holds "due".
-    assert await claim(keys=keys, args=[now, 5000, 10, *ids]) == [[], []]
+    assert await claim(keys=keys, args=claim_args(now, 5000, 10, ids)) == [[], [], -1]
     assert await redis.zscore(queue, "taken") is not None, "a job that runs under a live permit stays"
     await redis.zrem(GENERATIONS.holders, "taken")
     await redis.aclose()
@@ -60,7 +65,7 @@ async def test_a_job_whose_worker_died_and_whose_request_is_gone_is_removed(redi
         await redis.set(in_progress_key_prefix + dead, "1", px=500_000)
     await redis.zadd(GENERATIONS.holders, {"expired-permit": time.time() - 1})
     claim = redis.register_script(_CLAIM_JOBS)
-    claimed, orphaned = await claim(keys=claim_keys(queue, ids), args=[now, 610_000, 1, *ids])
+    claimed, orphaned, _ = await claim(keys=claim_keys(queue, ids), args=claim_args(now, 610_000, 1, ids))
     assert claimed[::2] == [b"next"] and sorted(orphaned) == [b"expired-permit", b"orphan"]
     assert await redis.zrange(queue, 0, -1) == [b"next"]
     for dead in ids[:2]:
@@ -80,7 +85,7 @@ async def test_claims_stop_at_the_free_slots_past_the_jobs_already_running(redis
         await redis.set(in_progress_key_prefix + running, "1")
         await redis.zadd(GENERATIONS.holders, {running: time.time() + 60})
     claim = redis.register_script(_CLAIM_JOBS)
-    claimed, _ = await claim(keys=claim_keys(queue, ids), args=[now, 5000, 3, *ids])
+    claimed, _, _ = await claim(keys=claim_keys(queue, ids), args=claim_args(now, 5000, 3, ids))
     assert claimed[::2] == [b"job2", b"job3", b"job4"]
     await redis.zrem(GENERATIONS.holders, *ids[:2])
     assert not await redis.exists(in_progress_key_prefix + "job5")

@@ -11,8 +11,9 @@ import pytest
 from redis.asyncio import Redis
 
 from services.common.contract import ChatMessage, EventType, GenerationJob, HistoryWindow, StreamEvent, stream_key
-from services.generator.engine import FinishReason, Generation, ResolvedSampling
+from services.generator.engine import FinishReason, Generation
 from services.generator.job import JobRunner
+from services.generator.sampling import ResolvedSampling
 from services.generator.settings import GeneratorSettings
 
 
@@ -21,6 +22,7 @@ class PacedEngine:
     event loop goes, far faster than a Redis round trip)."""
 
     model_id = "paced"
+    keeps_prefixes = False
 
     def __init__(self, count: int, interval: float) -> None:
         self.count = count
@@ -32,6 +34,7 @@ class PacedEngine:
         sampling: ResolvedSampling,
         cancel: threading.Event,
         history: HistoryWindow = HistoryWindow(),
+        cache_salt: str = "",
     ) -> Generation:
         generation: Generation
 

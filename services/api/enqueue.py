@@ -18,7 +18,10 @@ from services.common.contract import (
     STREAM_TTL_SECONDS,
     WAKE_CHANNEL,
     GenerationJob,
+    affinity_key,
     cancel_key,
+    conversation_digest,
+    prefix_holder_key,
     serialize_job,
 )
 from services.common.telemetry import inject_context
@@ -26,20 +29,26 @@ from services.common.telemetry import inject_context
 tracer = trace.get_tracer("services.api")
 
 # What arq's enqueue_job writes (the job key unless it or its result exists, the
-# queue entry), the request's registration when it comes along, and the wake-up,
-# in one script call: arq's own enqueue takes three round trips (WATCH, EXISTS,
-# MULTI/EXEC) and the registration and the wake-up one each, all on the way to
-# the first token.
-# KEYS: job, result, queue[, record, readers]
+# queue entry), the job's first claim for the generator that holds its
+# conversation's cache (prefix affinity: ``services.generator.worker``), the
+# request's registration when it comes along, and the wake-up, in one script call:
+# arq's own enqueue takes three round trips (WATCH, EXISTS, MULTI/EXEC) and the
+# others one each, all on the way to the first token.
+# KEYS: job, result, queue, prefix holder, affinity[, record, readers]
 # ARGV: job, expires ms, score, job id, wake channel[, record ttl s, readers px, fields...]
 _ENQUEUE = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return 0 end
 redis.call('PSETEX', KEYS[1], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
-if #KEYS > 3 then
-  redis.call('HSET', KEYS[4], unpack(ARGV, 8))
-  redis.call('EXPIRE', KEYS[4], ARGV[6])
-  redis.call('SET', KEYS[5], '1', 'PX', ARGV[7])
+local holder = redis.call('GET', KEYS[4])
+if holder then
+  local time = redis.call('TIME')
+  redis.call('PSETEX', KEYS[5], ARGV[2], holder .. ' ' .. (tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)))
+end
+if #KEYS > 5 then
+  redis.call('HSET', KEYS[6], unpack(ARGV, 8))
+  redis.call('EXPIRE', KEYS[6], ARGV[6])
+  redis.call('SET', KEYS[7], '1', 'PX', ARGV[7])
 end
 redis.call('PUBLISH', ARGV[5], ARGV[4])
 return 1
@@ -72,14 +81,21 @@ class JobQueue:
         self._script = arq.register_script(_ENQUEUE)
 
     async def enqueue(self, job: GenerationJob, registration: Registration | None = None) -> None:
-        """Enqueue ``job`` (arq job id = request id) with the current trace context,
-        with ``registration`` if given, and wake idle workers so it starts within
-        milliseconds."""
+        """Enqueue ``job`` (arq job id = request id) with the current trace context and
+        the conversation it continues, with ``registration`` if given, and wake idle
+        workers so it starts within milliseconds."""
         with tracer.start_as_current_span("job.enqueue", kind=SpanKind.PRODUCER) as span:
             span.set_attribute("chat.request_id", job.request_id)
-            payload = dataclasses.replace(job, trace_context=inject_context()).to_dict()
+            continues = conversation_digest(job.tenant, job.messages[:-1])
+            payload = dataclasses.replace(job, trace_context=inject_context(), continues=continues).to_dict()
             now = timestamp_ms()
-            keys = [job_key_prefix + job.request_id, result_key_prefix + job.request_id, QUEUE_NAME]
+            keys = [
+                job_key_prefix + job.request_id,
+                result_key_prefix + job.request_id,
+                QUEUE_NAME,
+                prefix_holder_key(continues),
+                affinity_key(job.request_id),
+            ]
             args: list[str | int | bytes] = [
                 arq_envelope(GENERATE_FUNCTION, (payload,), {}, None, now, serializer=serialize_job),
                 self._arq.expires_extra_ms,

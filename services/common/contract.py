@@ -8,6 +8,7 @@ services import this module; nothing else spells a key.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from dataclasses import asdict, dataclass, field, fields
@@ -108,6 +109,33 @@ CURSOR_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
 
 #: The cursor before a stream's first entry.
 STREAM_START = "0-0"
+
+
+def prefix_holder_key(conversation: str) -> str:
+    """String naming the generator that holds the key/value cache of a conversation
+    (``conversation_digest``), written by that generator when a reply is complete."""
+    return f"{KEY_PREFIX}:prefix:holder:{conversation}"
+
+
+#: How long a generator's claim on a conversation (``prefix_holder_key``) lasts; a
+#: claim that outlives the cache entry costs the next turn one affinity wait.
+PREFIX_HOLDER_TTL_SECONDS = 1800
+
+
+def affinity_key(request_id: str) -> str:
+    """String naming the generator a queued job should go to first, and Redis's time
+    (ms) of the enqueue: ``"<worker id> <ms>"``. Written with the job when its
+    conversation's cache is held somewhere (``prefix_holder_key``)."""
+    return f"{KEY_PREFIX}:affinity:{request_id}"
+
+
+def conversation_digest(tenant: str, messages: list[ChatMessage]) -> str:
+    """A conversation's identity for prefix affinity: the API names the history a job
+    continues (its messages but the last), the generator the conversation a reply
+    completes (the job's messages and the reply), and the two meet when the next turn
+    comes. Salted by the tenant: the same words in two tenants are two conversations."""
+    canonical = json.dumps([tenant, [[m.role, m.content] for m in messages]], ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def session_key(session_id: str) -> str:
@@ -239,6 +267,9 @@ class GenerationJob:
     quota: Quota | None = None
     #: The name of the request's tenant (metrics and spans; never its key).
     tenant: str = ""
+    #: ``conversation_digest`` of the history this job continues: a generator that kept
+    #: that conversation's cache gets the first claim on the job. '' for none.
+    continues: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form sent through arq (as JSON: see :func:`serialize_job`).
@@ -257,6 +288,7 @@ class GenerationJob:
             "readers_key": self.readers_key,
             "quota": None if self.quota is None else {"key": self.quota.key, "tokens_per_minute": self.quota.tokens_per_minute},
             "tenant": self.tenant,
+            "continues": self.continues,
         }
 
 

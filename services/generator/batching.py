@@ -14,7 +14,12 @@ rows are padded on the left, an attention mask hides the padding, and explicit
 position ids give each row its own position. Each sequence picks its next token
 with its own sampling parameters, and the token goes to its own ``Generation``
 immediately. Everything above the token ids (incremental detokenizing, stop strings,
-end-of-sequence, finish reasons) is :class:`TransformersEngine`'s, unchanged.
+end-of-sequence, finish reasons) is the engine's (:class:`~services.generator.engine.TransformersEngine`):
+this is one of its two decoders (``services.generator.decoding``).
+
+A prompt that shares a prefix with a conversation that left the batch earlier
+starts from that prefix's cached keys and values (``services.generator.prefix_cache``)
+and prefills only the rest, in chunks like any other prompt.
 
 Why not transformers' ``ContinuousBatchingManager`` (``model.init_continuous_batching``,
 the engine behind ``transformers serve``)? Evaluated with transformers 5.23 on this
@@ -46,105 +51,58 @@ either. Models whose cache is not a plain per-layer key/value tensor
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.generator.engine import ResolvedSampling, TransformersEngine, eos_token_ids
-from services.generator.settings import GeneratorSettings
+from services.generator.decoding import DecodeRequest, cache_from_layers, layers_of
+from services.generator.prefix_cache import PrefixCache
+from services.generator.sampling import logits_processors
 
 logger = logging.getLogger(__name__)
 
 
-class BatchingEngine(TransformersEngine):
-    """A :class:`TransformersEngine` whose generations run in one shared batch of
-    up to ``GENERATOR_SLOTS`` sequences; more wait until a sequence leaves."""
-
-    def __init__(self, settings: GeneratorSettings) -> None:
-        super().__init__(settings)
-        # Each request's thread only waits for its sequence; the decode loop does the work.
-        self._executor.shutdown(wait=False)
-        self._executor = ThreadPoolExecutor(max_workers=settings.generator_slots, thread_name_prefix="sequence")
-        self._eos_ids = eos_token_ids(self.model, self.tokenizer)
-        self._scheduler = BatchScheduler(
-            self.model, self.device, settings.generator_slots, settings.prefill_chunk_tokens
-        )
-
-    def _generate_blocking(
-        self,
-        prompt_ids: list[int],
-        sampling: ResolvedSampling,
-        max_new: int,
-        cancel: threading.Event,
-        loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[Any],
-    ) -> None:
-        sequence = Sequence(
-            prompt_ids=list(prompt_ids),
-            max_new_tokens=max_new,
-            sampling=sampling,
-            eos_ids=self._eos_ids,
-            cancel=cancel,
-            emit=lambda token_id: loop.call_soon_threadsafe(queue.put_nowait, token_id),
-        )
-        self._scheduler.submit(sequence)
-        sequence.done.wait()
-        if sequence.error is not None:
-            raise sequence.error
-
-    def close(self) -> None:
-        """Stop the decode loop (failing what still runs) and the request threads."""
-        self._scheduler.stop()
-        super().close()
-
-
 @dataclass(eq=False)
 class Sequence:
-    """One request inside the batch: its prompt, its limits, and where its tokens go.
+    """One request inside the batch: its tokens so far and its own prefill state."""
 
-    ``emit`` is called from the decode thread with each new token id; ``done`` is
-    set once the sequence has left the batch (``error`` tells why, if it failed).
-    """
-
-    prompt_ids: list[int]
-    max_new_tokens: int
-    sampling: ResolvedSampling
-    eos_ids: set[int]
-    cancel: threading.Event
-    emit: Callable[[int], None]
+    request: DecodeRequest
     generated: list[int] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
     _processors: Any = field(default=None, init=False, repr=False)  # built on first use, in the decode thread
     _generator: Any = field(default=None, init=False, repr=False)  # this request's own RNG when seeded
     cache: Any = field(default=None, init=False, repr=False)  # its own KV cache while its prompt is prefilled
     prefilled: int = field(default=0, init=False)  # prompt tokens in that cache
+    looked_up: bool = field(default=False, init=False)  # the prefix cache has been asked
+    ended: bool = field(default=False, init=False)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The request's prompt."""
+        return self.request.prompt_ids
 
     @property
     def finished(self) -> bool:
-        """Cancelled, at end-of-sequence, or at its token limit: leaves at the next step."""
-        if self.cancel.is_set() or len(self.generated) >= self.max_new_tokens:
+        """Stopped, at end-of-sequence, or at its token limit: leaves at the next step."""
+        if self.request.stopped or len(self.generated) >= self.request.max_new_tokens:
             return True
-        return bool(self.generated) and self.generated[-1] in self.eos_ids
+        return bool(self.generated) and self.generated[-1] in self.request.eos_ids
 
     def choose(self, logits: Any) -> int:
         """Pick the next token from this sequence's ``[1, vocab]`` float logits, with
         the same processors, in the same order, as ``model.generate`` applies."""
         import torch
 
+        sampling = self.request.sampling
         if self._processors is None:
-            self._processors = _logits_processors(self.sampling)
+            self._processors = logits_processors(sampling)
         if self._processors:
             ids = torch.tensor([self.prompt_ids + self.generated], device=logits.device)
             logits = self._processors(ids, logits)
-        if self.sampling.temperature > 0:
-            if self.sampling.seed is not None and self._generator is None:
-                self._generator = torch.Generator(device=logits.device).manual_seed(self.sampling.seed)
+        if not sampling.greedy:
+            if sampling.seed is not None and self._generator is None:
+                self._generator = torch.Generator(device=logits.device).manual_seed(sampling.seed)
             token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=self._generator)
         else:
             token = torch.argmax(logits, dim=-1)
@@ -153,63 +111,54 @@ class Sequence:
     def accept(self, token_id: int) -> None:
         """Record a decoded token and hand it to the request's stream at once."""
         self.generated.append(token_id)
-        self.emit(token_id)
+        self.request.emit(token_id)
 
     def end(self, error: BaseException | None = None) -> None:
-        """Leave the batch; the request's thread wakes up."""
-        self.error = error
-        self.done.set()
-
-
-def _logits_processors(sampling: ResolvedSampling) -> Any:
-    """The logits processors ``generate`` would build for these parameters."""
-    from transformers import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    processors = LogitsProcessorList()
-    if sampling.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(penalty=sampling.repetition_penalty))
-    if sampling.temperature > 0:
-        if sampling.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_k > 0:
-            processors.append(TopKLogitsWarper(top_k=sampling.top_k))
-        if sampling.top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p=sampling.top_p))
-    return processors
+        """Leave the batch: the engine learns that the request is done, once."""
+        if not self.ended:
+            self.ended = True
+            self.request.finish(error)
 
 
 class BatchScheduler:
     """The decode loop: one thread, one model, up to ``slots`` sequences per step."""
 
-    def __init__(self, model: Any, device: str, slots: int, chunk_tokens: int = 0) -> None:
+    def __init__(
+        self, model: Any, device: Any, slots: int, chunk_tokens: int = 0, prefix_cache: PrefixCache | None = None
+    ) -> None:
         """``chunk_tokens``: most prompt tokens prefilled between two decode steps (0: no limit)."""
         _check_supported(model)
         self._model = model
         self._device = device
         self._slots = slots
         self._chunk_tokens = chunk_tokens
+        self._prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self._waiting: deque[Sequence] = deque()
         self._prefilling: deque[Sequence] = deque()  # admitted, prompt not complete yet: slots of their own
         self._wakeup = threading.Condition()
         self._stopping = False
-        self._batch = _Batch()
+        self._batch = _Batch(self._prefix_cache)
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, sequence: Sequence) -> None:
-        """Queue a sequence; it joins the batch at the next step with a free slot."""
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        """The conversations' key/value caches new prompts start from."""
+        return self._prefix_cache
+
+    def submit(self, request: DecodeRequest) -> None:
+        """Queue a request; it joins the batch at the next step with a free slot."""
+        sequence = Sequence(request)
         with self._wakeup:
             if self._stopping:
                 sequence.end(RuntimeError("the generator is shutting down"))
                 return
             self._waiting.append(sequence)
             self._wakeup.notify()
+
+    def close(self) -> None:
+        """The decoder's ``close``: :meth:`stop`."""
+        self.stop()
 
     def stop(self) -> None:
         """End the loop; sequences still waiting or running fail with an error."""
@@ -247,15 +196,14 @@ class BatchScheduler:
                     # A bug here must not leave requests waiting forever on a dead loop.
                     logger.exception("the decode loop failed; ending the %d sequences in the batch", self.running)
                     for sequence in {*admitted, *self._prefilling, *self._batch.sequences}:
-                        if not sequence.done.is_set():
-                            sequence.end(exc)
-                    self._batch, self._prefilling = _Batch(), deque()
+                        sequence.end(exc)
+                    self._batch, self._prefilling = _Batch(self._prefix_cache), deque()
         error = RuntimeError("the generator is shutting down")
         with self._wakeup:
             waiting, self._waiting = list(self._waiting), deque()
         for sequence in [*self._batch.sequences, *self._prefilling, *waiting]:
             sequence.end(error)
-        self._batch, self._prefilling = _Batch(), deque()
+        self._batch, self._prefilling = _Batch(self._prefix_cache), deque()
 
     def _prefill(self) -> None:
         """Prefill the admitted prompts in order, up to the step's token budget; a sequence
@@ -271,10 +219,11 @@ class BatchScheduler:
                     budget -= sum(len(s.prompt_ids) for s in group)
                 continue
             sequence = self._prefilling[0]
-            if sequence.cancel.is_set():
+            if sequence.request.stopped:
                 self._prefilling.popleft()
                 sequence.end()
                 continue
+            self._resume_from_prefix_cache(sequence)
             remaining = len(sequence.prompt_ids) - sequence.prefilled
             take = remaining if budget is None else min(remaining, budget)
             try:
@@ -294,13 +243,27 @@ class BatchScheduler:
             sequence.accept(sequence.choose(logits))
             self._batch.join([sequence], cache, _ones_mask(len(sequence.prompt_ids), cache.layers[0].keys.device))
 
+    def _resume_from_prefix_cache(self, sequence: Sequence) -> None:
+        """Start ``sequence``'s cache from the longest cached prefix of its prompt, if any
+        (asked once per sequence)."""
+        if sequence.looked_up or not self._prefix_cache.enabled:
+            return
+        sequence.looked_up = True
+        layers, reused = self._prefix_cache.lookup(sequence.request.cache_salt, sequence.prompt_ids)
+        if reused:
+            sequence.cache = cache_from_layers(self._model, layers)
+            sequence.prefilled = reused
+
     def _whole_prompts_within(self, budget: int | None) -> list[Sequence]:
-        """The waiting prompts at the head of the line, not started and not cancelled, whose
-        tokens fit ``budget`` together (no limit: all of them)."""
-        group, used = [], 0
+        """The waiting prompts at the head of the line, not started, not stopped and with
+        nothing in the prefix cache, whose tokens fit ``budget`` together (no limit: all of
+        them)."""
+        group: list[Sequence] = []
+        used = 0
         for sequence in self._prefilling:
+            self._resume_from_prefix_cache(sequence)
             length = len(sequence.prompt_ids)
-            if sequence.prefilled or sequence.cancel.is_set() or (budget is not None and used + length > budget):
+            if sequence.prefilled or sequence.request.stopped or (budget is not None and used + length > budget):
                 break
             group.append(sequence)
             used += length
@@ -389,7 +352,7 @@ class BatchScheduler:
             logger.exception("decode step failed; ending the %d sequences in the batch", len(batch.sequences))
             for sequence in batch.sequences:
                 sequence.end(exc)
-            self._batch = _Batch()
+            self._batch = _Batch(self._prefix_cache)
 
 
 class _Batch:
@@ -397,10 +360,12 @@ class _Batch:
 
     Invariant: row ``i`` of every cache tensor and of ``mask`` belongs to
     ``sequences[i]``; each row holds its prompt and all its generated tokens but
-    the last, which is the input of the next step.
+    the last, which is the input of the next step. A row that leaves is kept in the
+    prefix cache.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefix_cache: PrefixCache) -> None:
+        self._prefix_cache = prefix_cache
         self.sequences: list[Sequence] = []
         self.cache: Any = None
         self.mask: Any = None
@@ -427,6 +392,10 @@ class _Batch:
             return
         keep = [i for i, done in enumerate(finished) if not done]
         leaving = [s for s, done in zip(self.sequences, finished) if done]
+        if self._prefix_cache.enabled:
+            for row, done in enumerate(finished):
+                if done:
+                    self._keep_prefix(row)
         if keep:
             import torch
 
@@ -442,6 +411,13 @@ class _Batch:
             self.sequences, self.cache, self.mask = [], None, None
         for sequence in leaving:
             sequence.end()
+
+    def _keep_prefix(self, row: int) -> None:
+        """Put row ``row``'s tokens and cache (past its left padding) in the prefix cache."""
+        sequence = self.sequences[row]
+        start = int(self.mask[row].nonzero()[0])
+        tokens = (sequence.prompt_ids + sequence.generated)[: self.mask.shape[1] - start]
+        self._prefix_cache.store(sequence.request.cache_salt, tokens, layers_of(self.cache, row, start))
 
 
 def _ones_mask(length: int, device: Any) -> Any:

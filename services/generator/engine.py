@@ -1,9 +1,11 @@
 """Engines turn a conversation into a stream of text deltas.
 
-``TransformersEngine`` runs a causal LM from ``from_pretrained`` (local directory
-or hub id) in a worker thread, so the event loop stays free for heartbeats and
-cancellation checks while the model computes. ``SyntheticEngine`` produces a
-fixed reply at a fixed rate with no model, for benchmarks and fault drills.
+``TransformersEngine`` serves a causal LM from ``from_pretrained`` (local directory
+or hub id): it owns the chat template, detokenizing, stop strings, end-of-sequence
+and finish reasons, and drives a decoder (``services.generator.decoding``) that
+computes token ids in a thread of its own, so the event loop stays free for
+heartbeats and cancellation checks. ``SyntheticEngine`` produces a fixed reply at
+a fixed rate with no model, for benchmarks and fault drills.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from services.common.contract import ChatMessage, FinishReason, HistoryWindow, SamplingParams
+from services.common.contract import ChatMessage, FinishReason, HistoryWindow
+from services.generator.decoding import DecodeRequest, Decoder
 from services.generator.detokenizer import IncrementalDetokenizer
 from services.generator.prompt import InputTooLong, fit_conversation
+from services.generator.sampling import ResolvedSampling
 from services.generator.settings import GeneratorSettings
 
 logger = logging.getLogger(__name__)
@@ -32,35 +35,6 @@ class GenerationError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-@dataclass(frozen=True)
-class ResolvedSampling:
-    """Sampling parameters with the generator's defaults filled in."""
-
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    repetition_penalty: float
-    stop: list[str]
-    seed: int | None = None
-
-    @classmethod
-    def resolve(cls, params: SamplingParams, settings: GeneratorSettings) -> ResolvedSampling:
-        """Apply defaults and the hard cap from settings."""
-        max_new = params.max_new_tokens if params.max_new_tokens is not None else settings.max_new_tokens
-        return cls(
-            max_new_tokens=min(max_new, settings.max_new_tokens_limit),
-            temperature=settings.temperature if params.temperature is None else params.temperature,
-            top_p=settings.top_p if params.top_p is None else params.top_p,
-            top_k=settings.top_k if params.top_k is None else params.top_k,
-            repetition_penalty=settings.repetition_penalty
-            if params.repetition_penalty is None
-            else params.repetition_penalty,
-            stop=list(params.stop) or list(settings.stop),
-            seed=params.seed,
-        )
 
 
 class Generation:
@@ -95,10 +69,16 @@ class Engine(Protocol):
         sampling: ResolvedSampling,
         cancel: threading.Event,
         history: HistoryWindow = HistoryWindow(),
+        cache_salt: str = "",
     ) -> Generation:
         """Begin generating; setting ``cancel`` stops it at the next token. The
         ``history`` turns of ``messages`` may be dropped, oldest first, to fit the
-        model's context."""
+        model's context. ``cache_salt`` (the tenant) partitions the prefix cache."""
+        ...
+
+    @property
+    def keeps_prefixes(self) -> bool:
+        """Whether a finished conversation's key/value cache is kept for its next turn."""
         ...
 
     def close(self) -> None:
@@ -112,6 +92,7 @@ class SyntheticEngine:
     Never the default."""
 
     context_length = 0  # no model, no window
+    keeps_prefixes = False
 
     def __init__(self, settings: GeneratorSettings) -> None:
         self.model_id = "synthetic"
@@ -125,6 +106,7 @@ class SyntheticEngine:
         sampling: ResolvedSampling,
         cancel: threading.Event,
         history: HistoryWindow = HistoryWindow(),
+        cache_salt: str = "",
     ) -> Generation:
         """No context limit: every history turn is kept."""
         words = (messages[-1].content.split() if messages else []) or ["..."]
@@ -155,26 +137,33 @@ class SyntheticEngine:
         """Nothing to release."""
 
 
-_DONE = object()
+@dataclass(frozen=True)
+class _Finished:
+    """The decoder is done with the request (``error``: why it failed)."""
+
+    error: BaseException | None
 
 
 class TransformersEngine:
-    """Runs a Hugging Face causal LM, one ``model.generate`` per request in a thread."""
+    """A Hugging Face causal LM behind a decoder: sequential (``model.generate``) or
+    continuous batching, chosen by ``services.generator.factory``."""
 
-    def __init__(self, settings: GeneratorSettings) -> None:
-        from services.generator.model_loader import load_model
-
-        self.model_id = settings.model_id
-        self.model, self.tokenizer, self.device = load_model(settings)
-        self._context_limit = _context_limit(self.model.config)
-        # One thread: requests on one worker run one after another (GENERATOR_SLOTS
-        # of continuous batching is a separate engine).
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+    def __init__(self, model_id: str, model: Any, tokenizer: Any, decoder: Decoder) -> None:
+        self.model_id = model_id
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        self._context_limit = _context_limit(model.config)
+        self._eos_ids = frozenset(eos_token_ids(model, tokenizer))
 
     @property
     def context_length(self) -> int:
         """The model's context window in tokens (0 = its config names none)."""
         return self._context_limit
+
+    @property
+    def keeps_prefixes(self) -> bool:
+        """Whether the decoder keeps finished conversations' caches (``PREFIX_CACHE_MB`` > 0)."""
+        return self.decoder.prefix_cache.enabled
 
     def start(
         self,
@@ -182,6 +171,7 @@ class TransformersEngine:
         sampling: ResolvedSampling,
         cancel: threading.Event,
         history: HistoryWindow = HistoryWindow(),
+        cache_salt: str = "",
     ) -> Generation:
         # The history gives way to the reply: the prompt keeps the newest turns that
         # leave room for max_new_tokens.
@@ -199,49 +189,57 @@ class TransformersEngine:
         if self._context_limit:
             max_new = min(max_new, self._context_limit - len(prompt_ids))
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        generation: Generation
-        stopped_by_string = threading.Event()
+        queue: asyncio.Queue[int | _Finished] = asyncio.Queue()
 
-        def run() -> None:
+        def post(item: int | _Finished) -> None:
             try:
-                self._generate_blocking(prompt_ids, sampling, max_new, cancel, loop, queue)
-            except BaseException as exc:  # handed to the event loop, which re-raises it
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody waits for this request any more
+                request.halt.set()
+
+        request = DecodeRequest(
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new,
+            sampling=sampling,
+            emit=post,
+            finish=lambda error: post(_Finished(error)),
+            eos_ids=self._eos_ids,
+            cancel=cancel,
+            cache_salt=cache_salt,
+        )
+        generation: Generation
 
         async def deltas() -> AsyncIterator[str]:
             generation.prompt_tokens = len(prompt_ids)
             detok = IncrementalDetokenizer(self.tokenizer, sampling.stop)
-            eos_ids = eos_token_ids(self.model, self.tokenizer)
             saw_eos = False
-            future = loop.run_in_executor(self._executor, run)
+            item: int | _Finished | None = None
+            self.decoder.submit(request)
             try:
-                while (item := await queue.get()) is not _DONE:
-                    if isinstance(item, BaseException):
-                        raise item
+                while not isinstance(item := await queue.get(), _Finished):
                     if saw_eos or detok.stopped:
                         continue
                     generation.completion_tokens += 1
-                    if item in eos_ids:
+                    if item in self._eos_ids:
                         saw_eos = True
-                        cancel.set()
+                        request.halt.set()
                         continue
                     text = detok.push(item)
                     if detok.stopped:
-                        stopped_by_string.set()
-                        cancel.set()
+                        request.halt.set()
                     if text:
                         yield text
+                if item.error is not None:
+                    raise item.error
                 tail = detok.flush()
                 if tail:
                     yield tail
             finally:
-                # The thread must not outlive the request: make it stop and wait.
-                cancel.set()
-                await asyncio.shield(future)
-            if saw_eos or stopped_by_string.is_set():
+                if not isinstance(item, _Finished):
+                    # The consumer left early: the sequence must not outlive the request.
+                    request.halt.set()
+                    await asyncio.shield(_finished(queue))
+            if saw_eos or detok.stopped:
                 generation.finish_reason = FinishReason.STOP
             elif generation.completion_tokens < max_new and cancel.is_set():
                 generation.finish_reason = FinishReason.CANCELLED
@@ -251,71 +249,14 @@ class TransformersEngine:
         generation = Generation(deltas(), prompt.history_turns)
         return generation
 
-    def _generate_blocking(
-        self,
-        prompt_ids: list[int],
-        sampling: ResolvedSampling,
-        max_new: int,
-        cancel: threading.Event,
-        loop: asyncio.AbstractEventLoop,
-        queue: asyncio.Queue[Any],
-    ) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        class _Streamer(BaseStreamer):
-            """Hands each new token id to the event loop as soon as it is sampled."""
-
-            def __init__(self) -> None:
-                self._prompt_seen = False
-
-            def put(self, value: torch.Tensor) -> None:
-                if not self._prompt_seen:  # generate() first puts the prompt itself
-                    self._prompt_seen = True
-                    return
-                for token_id in value.reshape(-1).tolist():
-                    loop.call_soon_threadsafe(queue.put_nowait, int(token_id))
-
-            def end(self) -> None:
-                pass
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        input_ids = torch.tensor([prompt_ids], device=self.device)
-        do_sample = sampling.temperature > 0
-        kwargs: dict[str, Any] = dict(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new,
-            do_sample=do_sample,
-            repetition_penalty=sampling.repetition_penalty,
-            streamer=_Streamer(),
-            stopping_criteria=StoppingCriteriaList([_Cancelled()]),
-            pad_token_id=self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id,
-        )
-        if do_sample:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if do_sample and sampling.seed is not None:
-            # Seed the global generator for this request only: fork_rng restores the
-            # previous state afterwards (one request runs at a time on this thread).
-            devices = [self.device] if str(self.device).startswith("cuda") else []
-            with torch.random.fork_rng(devices=devices), torch.inference_mode():
-                torch.manual_seed(sampling.seed)
-                self.model.generate(**kwargs)
-            return
-        with torch.inference_mode():
-            self.model.generate(**kwargs)
-
     def close(self) -> None:
-        """Stop the generation thread pool."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the decoder: what still runs ends with an error."""
+        self.decoder.close()
+
+
+async def _finished(queue: asyncio.Queue[int | _Finished]) -> None:
+    while not isinstance(await queue.get(), _Finished):
+        pass
 
 
 def _context_limit(config: Any) -> int:

@@ -15,14 +15,19 @@ from redis.asyncio import Redis
 
 from services.common.contract import (
     GENERATOR_HEARTBEAT_SECONDS,
+    PREFIX_HOLDER_TTL_SECONDS,
+    ChatMessage,
     EventType,
     GenerationJob,
     StreamEvent,
+    conversation_digest,
+    prefix_holder_key,
 )
 from services.common.logs import request_id_var
 from services.common.telemetry import extract_context
 from services.generator import metrics
-from services.generator.engine import Engine, Generation, GenerationError, ResolvedSampling
+from services.generator.engine import Engine, Generation, GenerationError
+from services.generator.sampling import ResolvedSampling
 from services.common.quota import TokenBudgets
 from services.common.semaphore import FencedLease
 from services.generator.publisher import UNREACHABLE, FencedWriter, LeaseLost, StreamPublisher
@@ -126,8 +131,9 @@ class JobRunner:
         sampling = ResolvedSampling.resolve(job.sampling, self._settings)
         started = time.perf_counter()
         generation: Generation | None = None
+        reply: list[str] = []
         try:
-            generation = self._engine.start(job.messages, sampling, cancel, job.history)
+            generation = self._engine.start(job.messages, sampling, cancel, job.history, cache_salt=job.tenant)
             produced = _Deltas()
             self._running.add(produced)
             producer = asyncio.create_task(self._produce(generation, produced, span, started, self.progress))
@@ -138,6 +144,7 @@ class JobRunner:
                 # fast engine (or a slow Redis) costs fewer writes, not a growing backlog.
                 while texts := await produced.take():
                     await publisher.tokens(texts)
+                    reply.extend(texts)
                     if publisher.cancelled:
                         # "abandoned": the API did not ask; nobody reads the reply any more.
                         reason = "abandoned" if publisher.abandoned else "cancelled"
@@ -193,6 +200,8 @@ class JobRunner:
         span.set_attribute("gen_ai.usage.output_tokens", generation.completion_tokens)
         span.set_attribute("chat.finish_reason", generation.finish_reason.value)
         span.set_attribute("chat.history_turns", generation.history_turns)
+        if self._engine.keeps_prefixes:
+            await self._hold_prefix(job, "".join(reply))
         return StreamEvent(
             EventType.DONE,
             finish_reason=generation.finish_reason.value,
@@ -209,6 +218,17 @@ class JobRunner:
         for produced in running:
             produced.abandon()
         return len(running)
+
+    async def _hold_prefix(self, job: GenerationJob, reply: str) -> None:
+        """Claim the conversation this reply completes: the engine keeps its cache, and the
+        next turn's job (which continues exactly these messages) comes here first.
+        Written before the terminal entry, so that no next turn can be enqueued before it."""
+        conversation = conversation_digest(job.tenant, [*job.messages, ChatMessage("assistant", reply)])
+        try:
+            await self._redis.set(prefix_holder_key(conversation), self._settings.worker_id, ex=PREFIX_HOLDER_TTL_SECONDS)
+        except Exception:
+            # Only a hint: the next turn then goes to any generator and prefills in full.
+            logger.warning("recording that this generator holds %s's conversation failed", job.request_id, exc_info=True)
 
     async def _charge(self, job: GenerationJob, tokens: int) -> None:
         assert job.quota is not None

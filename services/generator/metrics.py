@@ -66,3 +66,21 @@ def serve_metrics(port: int) -> None:
     """Expose the metrics over HTTP on ``port`` (0 = do not serve), in a background thread."""
     if port:
         start_http_server(port, registry=REGISTRY)
+PREFIX_CACHE_PROMPT_TOKENS = Counter(
+    "chatstream_generator_prefix_cache_prompt_tokens_total",
+    "Prompt tokens looked up in the prefix cache (PREFIX_CACHE_MB).",
+    registry=REGISTRY,
+)
+PREFIX_CACHE_HIT_TOKENS = Counter(
+    "chatstream_generator_prefix_cache_hit_tokens_total",
+    "Prompt tokens whose key/value cache came from the prefix cache instead of a prefill.",
+    registry=REGISTRY,
+)
+PREFIX_CACHE_HITS = Counter(
+    "chatstream_generator_prefix_cache_hits_total",
+    "Prompts that started from a cached prefix (a follow-up turn served where its conversation was kept).",
+    registry=REGISTRY,
+)
+PREFIX_CACHE_BYTES = Gauge(
+    "chatstream_generator_prefix_cache_bytes", "Memory the prefix cache holds now.", registry=REGISTRY
+)

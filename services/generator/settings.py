@@ -66,6 +66,19 @@ class GeneratorSettings(CommonSettings):
         "prefill), so a long prompt joins the batch in chunks while the running streams keep getting tokens; 0 "
         "prefills each prompt in one pass.",
     )
+    prefix_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="Memory (MiB, on the model's device) for the key/value caches of finished conversations, least "
+        "recently used evicted: a follow-up turn that starts with a cached prompt and reply prefills only its new "
+        "tokens. Partitioned by tenant. 0 = off.",
+    )
+    prefix_affinity_wait_ms: int = Field(
+        20,
+        ge=0,
+        description="How long a queued job that continues a conversation cached on another live generator is left "
+        "for that generator to claim before any generator takes it (0 = no affinity).",
+    )
     synthetic_tokens_per_second: float = Field(50.0, gt=0.0, description="Token rate of the synthetic backend.")
     synthetic_fail_after_tokens: int = Field(-1, description="Fault drill: the synthetic backend raises after this many tokens (-1 = never).")
     synthetic_stall_after_tokens: int = Field(

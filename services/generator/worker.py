@@ -19,12 +19,14 @@ from redis.exceptions import RedisError
 
 from services.common.contract import (
     GENERATE_FUNCTION,
+    GENERATORS_KEY,
     QUEUE_NAME,
     WAKE_CHANNEL,
     GenerationJob,
     GeneratorInfo,
     JobRejected,
     SamplingDefaults,
+    affinity_key,
     deserialize_job,
     serialize_job,
 )
@@ -45,9 +47,12 @@ logger = logging.getLogger(__name__)
 #: How long ago a job must have been claimed before it can count as orphaned.
 ORPHAN_AGE_MS = 30_000
 
-# KEYS: queue, permit holders, then per job: its in-progress key, its job key.
-# ARGV: now (ms), in-progress TTL (ms), free slots, then the job ids.
-# Returns {claimed: job id, score, ...; orphaned: job id, ...}.
+# KEYS: queue, permit holders, generators, then per job: its in-progress key, its
+# job key, its affinity key.
+# ARGV: now (ms), in-progress TTL (ms), free slots, this worker's id, affinity wait
+# (ms), then the job ids.
+# Returns {claimed: job id, score, ...; orphaned: job id, ...; ms until a job left to
+# another generator may be taken here, -1 if none}.
 # A job that another worker holds (its in-progress key exists) is skipped, unless it
 # was claimed over ORPHAN_AGE_MS ago and its request holds no live permit: then the
 # worker that took it died (a failover can also lose arq's clean-up of a finished
@@ -55,32 +60,55 @@ ORPHAN_AGE_MS = 30_000
 # until its in-progress key expires (minutes), taking a place in every poll. (A job
 # that just ended has released its permit a moment before arq's own clean-up: the
 # age spares it.) A job's permit holder is its request id.
+# Prefix affinity: a job whose conversation's cache another live generator holds (its
+# affinity key: that worker's id and the enqueue time on Redis's clock) is left to
+# that generator for the affinity wait after its enqueue; after that, or at once when
+# the holder's registration has expired, any worker takes it. The wait is measured on
+# Redis's clock, so skewed pod clocks cannot stretch it.
 _CLAIM_JOBS = """
 local now = tonumber(ARGV[1])
 local limit = tonumber(ARGV[3])
+local wait_ms = tonumber(ARGV[5])
 local time = redis.call('TIME')
 local now_s = tonumber(time[1]) + tonumber(time[2]) / 1e6
-local claimed, orphaned = {}, {}
-for i = 1, (#KEYS - 2) / 2 do
-  local in_progress, job_key, job_id = KEYS[2 * i + 1], KEYS[2 * i + 2], ARGV[i + 3]
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local claimed, orphaned, soonest = {}, {}, -1
+for i = 1, (#KEYS - 3) / 3 do
+  local in_progress, job_key, affinity, job_id = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3], ARGV[i + 5]
   local left = redis.call('PTTL', in_progress)
   if left ~= -2 then
     local expires = redis.call('ZSCORE', KEYS[2], job_id)
     if left < tonumber(ARGV[2]) - ORPHAN_AGE_MS and (not expires or tonumber(expires) < now_s) then
       redis.call('ZREM', KEYS[1], job_id)
-      redis.call('DEL', job_key, in_progress)
+      redis.call('DEL', job_key, in_progress, affinity)
       orphaned[#orphaned + 1] = job_id
     end
   elseif #claimed < 2 * limit then
     local score = redis.call('ZSCORE', KEYS[1], job_id)
     if score and tonumber(score) <= now then
-      redis.call('PSETEX', in_progress, ARGV[2], '1')
-      claimed[#claimed + 1] = job_id
-      claimed[#claimed + 1] = score
+      local left_to_holder = 0
+      local first = redis.call('GET', affinity)
+      if first and wait_ms > 0 then
+        local holder, since = string.match(first, '^(.*) (%d+)$')
+        if holder and holder ~= ARGV[4] then
+          local alive = redis.call('ZSCORE', KEYS[3], holder)
+          if alive and tonumber(alive) > now_s then
+            left_to_holder = tonumber(since) + wait_ms - now_ms
+          end
+        end
+      end
+      if left_to_holder > 0 then
+        if soonest < 0 or left_to_holder < soonest then soonest = left_to_holder end
+      else
+        redis.call('PSETEX', in_progress, ARGV[2], '1')
+        redis.call('DEL', affinity)
+        claimed[#claimed + 1] = job_id
+        claimed[#claimed + 1] = score
+      end
     end
   end
 end
-return {claimed, orphaned}
+return {claimed, orphaned, soonest}
 """.replace("ORPHAN_AGE_MS", str(ORPHAN_AGE_MS))
 
 
@@ -114,9 +142,13 @@ class WakeableWorker(Worker):
     worker, so the poll interval is only a fallback for a missed message.
     """
 
-    def __init__(self, *args: Any, idle_poll_seconds: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, idle_poll_seconds: float, worker_id: str, affinity_wait_ms: int = 0, **kwargs: Any
+    ) -> None:
         super().__init__(*args, poll_delay=0, **kwargs)
         self.idle_poll_seconds = idle_poll_seconds
+        self.worker_id = worker_id
+        self.affinity_wait_ms = affinity_wait_ms
         self.wake = asyncio.Event()
         self.drain_started = asyncio.Event()
         self._claim: Any = None
@@ -162,12 +194,24 @@ class WakeableWorker(Worker):
             return
         if self._claim is None:
             self._claim = self.pool.register_script(_CLAIM_JOBS)
-        keys = [self.queue_name, GENERATIONS.holders]
+        keys = [self.queue_name, GENERATIONS.holders, GENERATORS_KEY]
         for job_id in ids:
-            keys += [in_progress_key_prefix + job_id, job_key_prefix + job_id]
-        claimed, orphaned = await self._claim(
-            keys=keys, args=[timestamp_ms(), int(self.in_progress_timeout_s * 1000), free, *ids]
+            keys += [in_progress_key_prefix + job_id, job_key_prefix + job_id, affinity_key(job_id)]
+        claimed, orphaned, soonest = await self._claim(
+            keys=keys,
+            args=[
+                timestamp_ms(),
+                int(self.in_progress_timeout_s * 1000),
+                free,
+                self.worker_id,
+                self.affinity_wait_ms,
+                *ids,
+            ],
         )
+        if soonest >= 0:
+            # A job is left to the generator holding its conversation: if that one does
+            # not take it within the wait, look again then and take it here.
+            self.loop.call_later(soonest / 1000, self.wake.set)
         for job_id in orphaned:
             metrics.JOBS_ORPHANED.inc()
             logger.warning(
@@ -328,6 +372,8 @@ def build_worker(settings: GeneratorSettings) -> WakeableWorker:
         keep_result=0,
         health_check_interval=5,
         idle_poll_seconds=settings.idle_poll_seconds,
+        worker_id=settings.worker_id,
+        affinity_wait_ms=settings.prefix_affinity_wait_ms,
         job_completion_wait=settings.drain_seconds,
     )
     return worker
