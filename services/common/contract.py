@@ -468,10 +468,9 @@ class StreamEvent:
 
 _EVENT_TYPES = {kind.value: kind for kind in EventType}
 
-#: How often a generator writes a heartbeat entry while a job produces no tokens,
-#: and how long the API waits without any entry before it declares the generator dead.
+#: How often a generator writes a heartbeat entry while a job produces no tokens (how
+#: long the API waits without any entry is its own setting, GENERATOR_SILENCE_SECONDS).
 GENERATOR_HEARTBEAT_SECONDS = 1.0
-GENERATOR_SILENCE_LIMIT_SECONDS = 3.0
 
 #: Entries kept per stream (approximate MAXLEN): a reader more than this far behind
 #: has lost its client anyway.

@@ -451,7 +451,6 @@ class RedisSemaphore:
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
-        self._valid = redis.register_script(_VALID)
         self._counts = redis.register_script(_COUNTS)
 
     async def acquire(self, holder_id: str, tenant: TenantShare = DEFAULT_TENANT) -> AcquireResult:
