@@ -78,6 +78,12 @@ bench-autoscaling: $(VENV)/.installed redis-server deploy-tools
 bench-generator: $(VENV)/.installed model
 	$(PY) bench/generator_throughput.py
 
+# Multi-turn prefix reuse: TTFT by turn of one 5-turn conversation (~7,700-token last prompt), ours with
+# and without PREFIX_CACHE_MB and vLLM's automatic prefix caching (~6 min); bench/results/multi_turn.{json,md}.
+.PHONY: bench-multi-turn
+bench-multi-turn: $(VENV)/.installed model
+	$(PY) bench/multi_turn.py
+
 # Relay benchmark: in-process vs ChatStream 0.3.0 vs this service (old and multiplexing relay),
 # 1 to 1,000 concurrent streams (~5-10 min on 2 cores; creates bench/.venv-chatstream once);
 # writes bench/results/relay.{json,md,png}. Not part of `make test`.

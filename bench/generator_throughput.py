@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from services.common.contract import ChatMessage  # noqa: E402
-from services.generator.engine import Engine, ResolvedSampling  # noqa: E402
+from services.generator.engine import Engine  # noqa: E402
+from services.generator.sampling import ResolvedSampling  # noqa: E402
 from services.generator.factory import create_engine  # noqa: E402
 from bench.venvs import ensure_venv  # noqa: E402
 from services.generator.settings import DEFAULT_MODEL_DIR, GeneratorSettings  # noqa: E402
