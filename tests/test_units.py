@@ -139,3 +139,12 @@ def test_a_history_window_larger_than_the_conversation_is_rejected():
     data["history"]["turns"] = -1
     with pytest.raises(JobRejected, match="bad_schema"):
         through_the_queue(data)
+
+
+def test_every_error_code_has_an_http_status_and_an_unknown_code_answers_500():
+    from services.common.contract import ErrorCode, http_status_for
+
+    assert {code: http_status_for(code.value) for code in ErrorCode} == {code: code.http_status for code in ErrorCode}
+    assert http_status_for(ErrorCode.PROMPT_TOO_LONG) == 422 and http_status_for(ErrorCode.QUEUE_TIMEOUT) == 503
+    assert http_status_for("a_code_of_a_newer_generator") == 500
+    assert f"error:{ErrorCode.LEASE_LOST}" == "error:lease_lost", "codes format as their wire value"

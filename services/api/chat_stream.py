@@ -44,7 +44,7 @@ from services.api.resume import Backlog, RequestRecord, check_request_id, not_fo
 from services.api.sessions import SessionStore, Turn, turns_to_messages
 from services.api.settings import ApiSettings, ResponseFormat
 from services.api.validation import check_body_size, parse_chat_request, read_body
-from services.common.contract import ChatMessage, HistoryWindow, new_request_id
+from services.common.contract import ChatMessage, ErrorCode, HistoryWindow, new_request_id
 from services.common.redis_client import connect_arq, connect_url
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class ChatStream:
                 # Clients get a code and a generic message; the details (hosts, ports,
                 # library messages) go to the log only.
                 logger.warning("reading the session failed", exc_info=True)
-                raise ApiError(503, "redis_unavailable", "the session store is unreachable") from None
+                raise ApiError.of(ErrorCode.REDIS_UNAVAILABLE, "the session store is unreachable") from None
             if chat_request.regenerate and not history:
                 raise ApiError(409, "nothing_to_regenerate", "regenerate needs a previous reply in this session")
             sampling = await self.generation_params.sampling(session_id)
@@ -188,7 +188,7 @@ class ChatStream:
                     raise not_found()  # its retention is over
             except RedisError:
                 logger.warning("reading the record of %s failed", request_id, exc_info=True)
-                raise ApiError(503, "redis_unavailable", "the request store is unreachable") from None
+                raise ApiError.of(ErrorCode.REDIS_UNAVAILABLE, "the request store is unreachable") from None
         except ApiError as error:
             return self._framer(request)[0].http_error(error)
         framer, sse = self._framer(request)
@@ -229,7 +229,7 @@ class ChatStream:
                 await self.generation.queue.withdraw(request_id)
             except RedisError:
                 logger.warning("cancelling %s failed", request_id, exc_info=True)
-                raise ApiError(503, "redis_unavailable", "the request store is unreachable") from None
+                raise ApiError.of(ErrorCode.REDIS_UNAVAILABLE, "the request store is unreachable") from None
         except ApiError as error:
             return error.to_response()
         return Response(status_code=204, headers={REQUEST_ID_HEADER: request_id})
@@ -269,7 +269,7 @@ class ChatStream:
             return error.to_response()
         except RedisError:
             logger.warning("clearing the session failed", exc_info=True)
-            return ApiError(503, "redis_unavailable", "the session store is unreachable").to_response()
+            return ApiError.of(ErrorCode.REDIS_UNAVAILABLE, "the session store is unreachable").to_response()
         if self.settings.response_format is ResponseFormat.CHATSTREAM:
             # ChatStream 0.3's answer: its web UI only reads it as text, but a client
             # that parses it as JSON would fail on an empty 204.

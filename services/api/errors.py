@@ -6,6 +6,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from services.common.contract import ErrorCode
+
 
 class ApiError(Exception):
     """A failure answered with an HTTP status and a JSON body
@@ -20,6 +22,11 @@ class ApiError(Exception):
         self.message = message
         self.detail = detail
         self.headers = headers or {}
+
+    @classmethod
+    def of(cls, code: ErrorCode, message: str, **kwargs: Any) -> ApiError:
+        """The error for one of the contract's codes, with that code's HTTP status."""
+        return cls(code.http_status, code, message, **kwargs)
 
     def to_response(self) -> JSONResponse:
         """The JSON response for this error."""

@@ -38,7 +38,7 @@ from services.api.settings import ApiSettings
 from services.api.stream_reader import StreamReader
 from services.api.tenants import Tenant, Tenants
 from services.common.quota import TokenBudgets
-from services.common.contract import ChatMessage, HistoryWindow, Quota, SamplingParams, quota_key, stream_key
+from services.common.contract import ChatMessage, ErrorCode, HistoryWindow, Quota, SamplingParams, quota_key, stream_key
 from services.common.logs import request_id_var
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class GenerationService:
         except RedisError:
             # Clients get a code and a generic message; the details go to the log only.
             logger.warning("admission of %s failed", request_id, exc_info=True)
-            raise ApiError(503, "redis_unavailable", "admission control is unreachable") from None
+            raise ApiError.of(ErrorCode.REDIS_UNAVAILABLE, "admission control is unreachable") from None
 
     async def _check_quota(self, tenant: Tenant, quota: Quota) -> None:
         """:class:`ApiError` 429 ``tenant_quota_exceeded`` while the tenant has spent its

@@ -36,6 +36,7 @@ from services.api.origin import check_same_origin
 from services.api.sessions import SessionStore
 from services.api.validation import load_json_object, read_body
 from services.common.contract import (
+    ErrorCode,
     MaxNewTokens,
     RepetitionPenalty,
     SamplingParams,
@@ -220,7 +221,7 @@ def _redis_errors(what: str, doing: str) -> Iterator[None]:
         yield
     except RedisError:
         logger.warning("%s failed", doing, exc_info=True)
-        raise ApiError(503, "redis_unavailable", f"{what} is unreachable") from None
+        raise ApiError.of(ErrorCode.REDIS_UNAVAILABLE, f"{what} is unreachable") from None
 
 
 _SESSION_STORE = "the session store"

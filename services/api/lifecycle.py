@@ -38,6 +38,7 @@ from services.api.response import Queued, RelayProgress, StreamFailed
 from services.api.resume import Backlog, RequestRecord, claim_outcome
 from services.api.stream_reader import Subscription
 from services.common.contract import (
+    ErrorCode,
     EventType,
     FinishReason,
     GenerationJob,
@@ -132,14 +133,14 @@ class _Lifecycle:
                     self.ending = True
                 yield event
         except GeneratorLost as exc:
-            raise StreamFailed("generator_lost", f"the generator stopped responding: {exc}") from None
+            raise StreamFailed(ErrorCode.GENERATOR_LOST, f"the generator stopped responding: {exc}") from None
         except JobLost:
             raise StreamFailed(
-                "job_lost", "no generator started the request (it was rejected or expired); try again"
+                ErrorCode.JOB_LOST, "no generator started the request (it was rejected or expired); try again"
             ) from None
         except RedisError:
             logger.warning("relaying %s failed", self.request_id, exc_info=True)
-            raise StreamFailed("redis_unavailable", "lost the connection to Redis") from None
+            raise StreamFailed(ErrorCode.REDIS_UNAVAILABLE, "lost the connection to Redis") from None
         finally:
             subscription.close()
 
@@ -324,7 +325,7 @@ class NewRequest(_Lifecycle):
                 await pipe.execute()
         except RedisError:
             logger.warning("registering %s failed", self.request_id, exc_info=True)
-            raise StreamFailed("redis_unavailable", "the request store is unreachable") from None
+            raise StreamFailed(ErrorCode.REDIS_UNAVAILABLE, "the request store is unreachable") from None
 
     async def wait_for_permit(self) -> AsyncIterator[int]:
         """Queue positions while waiting; returns holding the permit."""
@@ -341,10 +342,10 @@ class NewRequest(_Lifecycle):
             self.span.set_attribute("chat.queue_wait_ms", wait * 1000)
         except QueueTimeout as exc:
             wait_span.set_status(Status(StatusCode.ERROR, str(exc)))
-            raise StreamFailed("queue_timeout", str(exc)) from None
+            raise StreamFailed(ErrorCode.QUEUE_TIMEOUT, str(exc)) from None
         except RedisError:
             logger.warning("admission of %s failed", self.request_id, exc_info=True)
-            raise StreamFailed("redis_unavailable", "admission control is unreachable") from None
+            raise StreamFailed(ErrorCode.REDIS_UNAVAILABLE, "admission control is unreachable") from None
         finally:
             wait_span.end()
 
@@ -374,7 +375,7 @@ class NewRequest(_Lifecycle):
                 raise
         except RedisError:
             logger.warning("enqueueing %s failed", self.request_id, exc_info=True)
-            raise StreamFailed("redis_unavailable", "the job queue is unreachable") from None
+            raise StreamFailed(ErrorCode.REDIS_UNAVAILABLE, "the job queue is unreachable") from None
         return subscription
 
     def on_start(self, event: StreamEvent) -> None:
@@ -384,7 +385,7 @@ class NewRequest(_Lifecycle):
     async def release(self) -> None:
         # A generator declared lost renews nothing any more: free its permit now
         # rather than when its lease runs out.
-        lost = self.progress_error_code == "generator_lost"
+        lost = self.progress_error_code == ErrorCode.GENERATOR_LOST
         await self.ticket.release(force=lost)
 
     async def exchange(self, message: CallbackMessage, progress: RelayProgress) -> ChatExchange:
@@ -463,7 +464,7 @@ class ResumedRequest(_Lifecycle):
             await attaching
         except RedisError:
             logger.warning("resuming %s failed", self.request_id, exc_info=True)
-            raise StreamFailed("redis_unavailable", "lost the connection to Redis") from None
+            raise StreamFailed(ErrorCode.REDIS_UNAVAILABLE, "lost the connection to Redis") from None
 
     async def exchange(self, message: CallbackMessage, progress: RelayProgress) -> ChatExchange:
         usage, finish_reason = _usage_and_reason(message, progress)

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from starlette.responses import JSONResponse
 
 from services.api.errors import ApiError
-from services.common.contract import QUEUE_NAME
+from services.common.contract import QUEUE_NAME, ErrorCode
 from services.common.registry import LiveGenerator, live_generators
 from services.common.semaphore import RedisSemaphore
 
@@ -73,5 +73,5 @@ async def load_response(redis: Redis, semaphore: RedisSemaphore) -> JSONResponse
         report = await load_report(redis, semaphore)
     except (RedisError, OSError):
         logger.warning("reading the load failed", exc_info=True)
-        return ApiError(503, "redis_unavailable", "Redis is unreachable").to_response()
+        return ApiError.of(ErrorCode.REDIS_UNAVAILABLE, "Redis is unreachable").to_response()
     return JSONResponse(report)

@@ -32,23 +32,9 @@ from services.api import metrics
 from services.api.drain import Drain
 from services.api.framing import Framer
 from services.api.outcome import CallbackMessage
-from services.common.contract import EventType, StreamEvent
+from services.common.contract import ErrorCode, EventType, StreamEvent, http_status_for
 
 logger = logging.getLogger(__name__)
-
-#: HTTP status for a generator error that happens before any byte was sent.
-_STATUS_FOR_CODE = {
-    "prompt_too_long": 422,
-    "generator_lost": 503,
-    "job_lost": 503,
-    "redis_unavailable": 503,
-    "queue_timeout": 503,
-    "lease_lost": 503,
-    "generator_shutdown": 503,
-    "request_timeout": 504,
-    "generation_failed": 500,
-}
-
 
 #: How often a draining pod looks whether a queued stream's generation started (it is
 #: handed off only then: a request still waiting for a permit would be withdrawn).
@@ -274,7 +260,7 @@ class RelayResponse(Response):
             progress.error = exc
         else:
             logger.error("relaying a stream failed", exc_info=exc)
-            progress.error = StreamFailed("internal_error", "relaying the reply failed")
+            progress.error = StreamFailed(ErrorCode.INTERNAL_ERROR, "relaying the reply failed")
         return CallbackMessage.UNKNOWN_ERROR_OCCURRED
 
     async def _start(self, send: Send, progress: RelayProgress) -> None:
@@ -295,7 +281,7 @@ class RelayResponse(Response):
                 await self._relay_events(send, progress, disconnect)
         except TimeoutError:
             raise StreamFailed(
-                "request_timeout", f"the request did not finish within {self._deadline_seconds:g}s"
+                ErrorCode.REQUEST_TIMEOUT, f"the request did not finish within {self._deadline_seconds:g}s"
             ) from None
 
     async def _relay_events(self, send: Send, progress: RelayProgress, disconnect: asyncio.Task[None]) -> None:
@@ -342,9 +328,9 @@ class RelayResponse(Response):
                 return
             elif event.type is EventType.ERROR:
                 raise StreamFailed(
-                    event.code or "generation_failed", event.message or "generation failed", cursor=event.cursor
+                    event.code or ErrorCode.GENERATION_FAILED, event.message or "generation failed", cursor=event.cursor
                 )
-        raise StreamFailed("generator_lost", "the stream ended without a result")
+        raise StreamFailed(ErrorCode.GENERATOR_LOST, "the stream ended without a result")
 
     async def _report_error(self, send: Send, progress: RelayProgress) -> bool:
         """Tell the client about ``progress.error``; False when the response must be aborted."""
@@ -352,7 +338,7 @@ class RelayResponse(Response):
         assert error is not None
         try:
             if not progress.headers_sent:
-                status = _STATUS_FOR_CODE.get(error.code, 500)
+                status = http_status_for(error.code)
                 body, content_type = self._framer.error_response(status, error.code, error.message)
                 await send(
                     {

@@ -12,7 +12,7 @@ import hashlib
 import json
 import secrets
 from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Annotated, Any, Final, Literal
 
 from annotated_types import Ge, Gt, Le, Len
@@ -362,6 +362,64 @@ def deserialize_job(raw: bytes) -> dict[str, Any]:
     if 2 * job.history.turns + 1 > len(job.messages):
         raise JobRejected("bad_schema", "a.0.history.turns: more history turns than the job has messages")
     return envelope
+
+
+class ErrorCode(StrEnum):
+    """Why a request's generation ended in an error: the ``code`` of an ``error`` stream
+    entry and of the client's error event or JSON body. A client (and an API pod of an
+    older version) may meet codes it does not know: :func:`http_status_for` answers 500
+    for those."""
+
+    #: The prompt does not fit the model's context (the generator's tokenizer counts).
+    PROMPT_TOO_LONG = "prompt_too_long"
+    #: The generator stopped writing (no heartbeat within GENERATOR_SILENCE_SECONDS).
+    GENERATOR_LOST = "generator_lost"
+    #: The job left the queue without any generator starting it (rejected, expired).
+    JOB_LOST = "job_lost"
+    #: Redis could not be reached for what the request needed at that moment.
+    REDIS_UNAVAILABLE = "redis_unavailable"
+    #: No permit within QUEUE_TIMEOUT_SECONDS.
+    QUEUE_TIMEOUT = "queue_timeout"
+    #: The request's permit expired under the generator; it stopped.
+    LEASE_LOST = "lease_lost"
+    #: The generator was shut down past its drain time.
+    GENERATOR_SHUTDOWN = "generator_shutdown"
+    #: The generator's watchdog found its engine stuck; it restarts.
+    GENERATOR_STALLED = "generator_stalled"
+    #: The request ran past its deadline.
+    REQUEST_TIMEOUT = "request_timeout"
+    #: The engine failed (details in the generator's log and trace, not sent).
+    GENERATION_FAILED = "generation_failed"
+    #: The API failed relaying the reply.
+    INTERNAL_ERROR = "internal_error"
+
+    @property
+    def http_status(self) -> int:
+        """The HTTP status to answer with when nothing of the reply was sent yet."""
+        return _HTTP_STATUS[self]
+
+
+_HTTP_STATUS = {
+    ErrorCode.PROMPT_TOO_LONG: 422,
+    ErrorCode.GENERATOR_LOST: 503,
+    ErrorCode.JOB_LOST: 503,
+    ErrorCode.REDIS_UNAVAILABLE: 503,
+    ErrorCode.QUEUE_TIMEOUT: 503,
+    ErrorCode.LEASE_LOST: 503,
+    ErrorCode.GENERATOR_SHUTDOWN: 503,
+    ErrorCode.GENERATOR_STALLED: 503,
+    ErrorCode.REQUEST_TIMEOUT: 504,
+    ErrorCode.GENERATION_FAILED: 500,
+    ErrorCode.INTERNAL_ERROR: 500,
+}
+
+
+def http_status_for(code: str) -> int:
+    """:attr:`ErrorCode.http_status` of ``code``; 500 for a code this version does not know."""
+    try:
+        return ErrorCode(code).http_status
+    except ValueError:
+        return 500
 
 
 class EventType(str, Enum):

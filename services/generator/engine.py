@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from services.common.contract import ChatMessage, FinishReason, HistoryWindow
+from services.common.contract import ChatMessage, ErrorCode, FinishReason, HistoryWindow
 from services.generator.decoding import DecodeRequest, Decoder
 from services.generator.detokenizer import IncrementalDetokenizer
 from services.generator.prompt import InputTooLong, fit_conversation
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 class GenerationError(Exception):
     """A request the engine cannot serve; ``code`` is sent to the client."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -181,7 +181,7 @@ class TransformersEngine:
                 self.tokenizer, messages, history, budget=budget, context_limit=self._context_limit
             )
         except InputTooLong as exc:
-            raise GenerationError("prompt_too_long", str(exc)) from None
+            raise GenerationError(ErrorCode.PROMPT_TOO_LONG, str(exc)) from None
         if prompt.history_turns < history.turns:
             logger.info("the prompt keeps %d of %d history turns", prompt.history_turns, history.turns)
         prompt_ids = prompt.ids

@@ -17,6 +17,7 @@ from services.common.contract import (
     GENERATOR_HEARTBEAT_SECONDS,
     PREFIX_HOLDER_TTL_SECONDS,
     ChatMessage,
+    ErrorCode,
     EventType,
     GenerationJob,
     StreamEvent,
@@ -103,7 +104,7 @@ class JobRunner:
                 logger.warning("request %s cut short by the generator's shutdown", job.request_id)
                 with contextlib.suppress(Exception):
                     await publisher.publish_unfenced(
-                        StreamEvent(EventType.ERROR, code="generator_shutdown", message="the generator shut down")
+                        StreamEvent(EventType.ERROR, code=ErrorCode.GENERATOR_SHUTDOWN, message="the generator shut down")
                     )
                 raise
             finally:
@@ -171,7 +172,7 @@ class JobRunner:
             logger.error("request %s ended: the engine stopped producing tokens", job.request_id)
             span.set_status(Status(StatusCode.ERROR, "engine stalled"))
             return StreamEvent(
-                EventType.ERROR, code="generator_stalled", message="the generator stopped making progress and is restarting"
+                EventType.ERROR, code=ErrorCode.GENERATOR_STALLED, message="the generator stopped making progress and is restarting"
             )
         except GenerationError as exc:
             logger.info("request %s rejected by the engine: %s", job.request_id, exc.message)
@@ -186,7 +187,7 @@ class JobRunner:
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, str(exc)))
             # The exception's text (paths, device errors) stays in the log and the trace.
-            return StreamEvent(EventType.ERROR, code="generation_failed", message="generation failed")
+            return StreamEvent(EventType.ERROR, code=ErrorCode.GENERATION_FAILED, message="generation failed")
         finally:
             # Before the terminal entry: the tenant's next request, admitted once the API
             # reads it, finds these tokens counted. Cut-short generations count too.
@@ -363,7 +364,7 @@ class _Deltas:
 
 def _lease_lost_event() -> StreamEvent:
     return StreamEvent(
-        EventType.ERROR, code="lease_lost", message="the request's generation permit expired; generation stopped"
+        EventType.ERROR, code=ErrorCode.LEASE_LOST, message="the request's generation permit expired; generation stopped"
     )
 
 
