@@ -111,6 +111,65 @@ CURSOR_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
 STREAM_START = "0-0"
 
 
+#: The keys of a semaphore every one of its scripts gets, in this order (``services.common.semaphore``).
+SEMAPHORE_KEY_NAMES = (
+    "holders", "tokens", "fence", "waiters", "seq", "owner", "inuse", "tenants", "vtime", "vclock",
+    "active:interactive", "active:batch", "activeweight", "batchdebt",
+)
+
+
+@dataclass(frozen=True)
+class SemaphoreKeys:
+    """The Redis keys of one named semaphore (the generator needs ``holders`` and
+    ``tokens`` to check fencing tokens)."""
+
+    name: str
+
+    def _key(self, part: str) -> str:
+        return f"{KEY_PREFIX}:sem:{self.name}:{part}"
+
+    @property
+    def holders(self) -> str:
+        return self._key("holders")
+
+    @property
+    def tokens(self) -> str:
+        return self._key("tokens")
+
+    @property
+    def waiters(self) -> str:
+        return self._key("waiters")
+
+    @property
+    def owner(self) -> str:
+        return self._key("owner")
+
+    @property
+    def inuse(self) -> str:
+        return self._key("inuse")
+
+    def queue(self, tenant: str) -> str:
+        """A tenant's FIFO queue."""
+        return self.queue_prefix + tenant
+
+    @property
+    def queue_prefix(self) -> str:
+        return self._key("q:")
+
+    @property
+    def released_channel(self) -> str:
+        return self._key("released")
+
+    @property
+    def all(self) -> list[str]:
+        """The keys every script gets (``SEMAPHORE_KEY_NAMES``); the tenants' queues come on top."""
+        return [self._key(name) for name in SEMAPHORE_KEY_NAMES]
+
+
+#: The semaphore that caps concurrent generations across the cluster.
+GENERATIONS = SemaphoreKeys("generations")
+
+
 def prefix_holder_key(conversation: str) -> str:
     """String naming the generator that holds the key/value cache of a conversation
     (``conversation_digest``), written by that generator when a reply is complete."""

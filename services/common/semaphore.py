@@ -49,7 +49,7 @@ from enum import Enum
 
 from redis.asyncio import Redis
 
-from services.common.contract import KEY_PREFIX
+from services.common.contract import GENERATIONS, SEMAPHORE_KEY_NAMES as _KEY_NAMES, SemaphoreKeys
 from services.common.lua import redis_now
 
 #: Lua: forget holder ``id`` (already removed from ``holders``) in the tenant counts.
@@ -93,10 +93,6 @@ end
 """
 
 #: The keys every script gets, in this order, as ``KEYS``; scripts name them ``K.<name>``.
-_KEY_NAMES = (
-    "holders", "tokens", "fence", "waiters", "seq", "owner", "inuse", "tenants", "vtime", "vclock",
-    "active:interactive", "active:batch", "activeweight", "batchdebt",
-)
 _KEYS_TABLE = "local K = {}\n" + "".join(
     f"K[{name!r}] = KEYS[{i}]\n" for i, name in enumerate(_KEY_NAMES, start=1)
 )
@@ -311,56 +307,6 @@ return out
 """
 
 
-@dataclass(frozen=True)
-class SemaphoreKeys:
-    """The Redis keys of one named semaphore (the generator needs ``holders`` and
-    ``tokens`` to check fencing tokens)."""
-
-    name: str
-
-    def _key(self, part: str) -> str:
-        return f"{KEY_PREFIX}:sem:{self.name}:{part}"
-
-    @property
-    def holders(self) -> str:
-        return self._key("holders")
-
-    @property
-    def tokens(self) -> str:
-        return self._key("tokens")
-
-    @property
-    def waiters(self) -> str:
-        return self._key("waiters")
-
-    @property
-    def owner(self) -> str:
-        return self._key("owner")
-
-    @property
-    def inuse(self) -> str:
-        return self._key("inuse")
-
-    def queue(self, tenant: str) -> str:
-        """A tenant's FIFO queue."""
-        return self.queue_prefix + tenant
-
-    @property
-    def queue_prefix(self) -> str:
-        return self._key("q:")
-
-    @property
-    def released_channel(self) -> str:
-        return self._key("released")
-
-    @property
-    def all(self) -> list[str]:
-        """The keys every script gets (``_KEY_NAMES``); the tenants' queues come on top."""
-        return [self._key(name) for name in _KEY_NAMES]
-
-
-#: The semaphore that caps concurrent generations across the cluster.
-GENERATIONS = SemaphoreKeys("generations")
 
 
 class Priority(str, Enum):

@@ -22,7 +22,8 @@ from services.common.contract import (
     cancel_key,
     stream_key,
 )
-from services.common.semaphore import GENERATIONS, lease_check_lua
+from services.common.contract import GENERATIONS
+from services.common.semaphore import lease_check_lua
 
 logger = logging.getLogger(__name__)
 

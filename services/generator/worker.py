@@ -33,7 +33,7 @@ from services.common.contract import (
 from services.common.pubsub import listen_forever
 from services.common.redis_client import connect_arq
 from services.common.registry import register_generator, unregister_generator
-from services.common.semaphore import GENERATIONS
+from services.common.contract import GENERATIONS
 from services.common.watchdog import Progress, Stall, stalls
 from services.generator import metrics
 from services.generator.engine import Engine
