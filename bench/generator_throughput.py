@@ -128,26 +128,52 @@ def bench_vllm(python: Path, model: str, levels: list[int], sampling: ResolvedSa
         "max_new_tokens": sampling.max_new_tokens,
         "repetition_penalty": sampling.repetition_penalty,
     }
-    proc = subprocess.Popen(
-        [python, str(REPO / "bench" / "vllm_peer.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"},
-    )
-    proc.stdin.write(json.dumps(job))
-    proc.stdin.close()
     rows, startup = [], 0.0
-    for line in proc.stdout:
-        if not line.startswith("{"):
-            continue
-        item = json.loads(line)
+    for item in vllm_peer(python, job):
         if "startup_s" in item:
             startup = item["startup_s"]
         elif not item["warmup"]:
             row = summarize(item["concurrency"], item["started"], item["streams"]) | {"mode": "vllm"}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    if proc.wait() != 0 and len(rows) < len(levels):
-        raise RuntimeError(f"bench/vllm_peer.py exited {proc.returncode} after {len(rows)} levels")
     return rows, startup
+
+
+def vllm_peer(python: Path, job: dict):
+    """Run bench/vllm_peer.py on ``job`` in vLLM's environment; yields each JSON line it prints."""
+    proc = subprocess.Popen(
+        [python, str(REPO / "bench" / "vllm_peer.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"},
+    )
+    proc.stdin.write(json.dumps(job))
+    proc.stdin.close()
+    for line in proc.stdout:
+        if line.startswith("{"):
+            yield json.loads(line)
+    if proc.wait() != 0:
+        raise RuntimeError(f"bench/vllm_peer.py exited {proc.returncode}")
+
+
+def machine_facts() -> dict:
+    """What a result depends on besides the code: the machine and the library versions."""
+    import torch
+    import transformers
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_report(report: dict, out: Path, markdown) -> None:
+    """``out``.json and ``out``.md (``markdown(report)``), and the Markdown on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
 
 
 def markdown(report: dict) -> str:
@@ -226,9 +252,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "generator_throughput"))
     args = parser.parse_args()
 
-    import torch
-    import transformers
-
     levels = [int(x) for x in args.levels.split(",")]
     sampling = ResolvedSampling(
         max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.1, stop=[]
@@ -245,22 +268,14 @@ def main() -> None:
         "model": Path(args.model).name,
         "max_new_tokens": args.max_new_tokens,
         "repetition_penalty": sampling.repetition_penalty,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **machine_facts(),
         "our_dtype": GeneratorSettings().dtype,
         "vllm": vllm_version,
         "vllm_startup_s": startup,
-        "date": time.strftime("%Y-%m-%d"),
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out.with_suffix(".png"))
-    print(markdown(report))
+    write_report(report, Path(args.out), markdown)
+    plot(report, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

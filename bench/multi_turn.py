@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import subprocess
 import sys
 import threading
@@ -36,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.generator_throughput import VLLM_PACKAGES, VLLM_UNWANTED, VLLM_VENV  # noqa: E402
+from bench.generator_throughput import VLLM_PACKAGES, VLLM_UNWANTED, VLLM_VENV, machine_facts, vllm_peer, write_report  # noqa: E402
 from bench.venvs import ensure_venv  # noqa: E402
 from services.common.contract import ChatMessage, HistoryWindow  # noqa: E402
 from services.generator.engine import TransformersEngine  # noqa: E402
@@ -113,23 +111,13 @@ def bench_vllm(python: Path, model: str, messages: list[str], sampling: Resolved
         "repetition_penalty": sampling.repetition_penalty,
         "max_model_len": 8192,
     }
-    proc = subprocess.Popen(
-        [python, str(REPO / "bench" / "vllm_peer.py")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1"},
-    )
-    proc.stdin.write(json.dumps(job))
-    proc.stdin.close()
     rows, startup = [], 0.0
-    for line in proc.stdout:
-        if line.startswith("{"):
-            item = json.loads(line)
-            if "startup_s" in item:
-                startup = item["startup_s"]
-            else:
-                print(json.dumps(item), flush=True)
-                rows.append(item)
-    if proc.wait() != 0 and len(rows) < len(messages):
-        raise RuntimeError(f"bench/vllm_peer.py exited {proc.returncode} after {len(rows)} turns")
+    for item in vllm_peer(python, job):
+        if "startup_s" in item:
+            startup = item["startup_s"]
+        else:
+            print(json.dumps(item), flush=True)
+            rows.append(item)
     return rows, startup
 
 
@@ -169,9 +157,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "multi_turn"))
     args = parser.parse_args()
 
-    import torch
-    import transformers
-
     messages = [user_message(turn, args.sentences) for turn in range(1, args.turns + 1)]
     sampling = ResolvedSampling(
         max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.1, stop=[]
@@ -185,20 +170,12 @@ def main() -> None:
     report = {
         "model": Path(args.model).name,
         "max_new_tokens": args.max_new_tokens,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        **machine_facts(),
         "vllm": vllm_version,
         "vllm_startup_s": startup,
-        "date": time.strftime("%Y-%m-%d"),
         "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(report, Path(args.out), markdown)
 
 
 if __name__ == "__main__":
