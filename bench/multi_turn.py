@@ -54,7 +54,7 @@ MODES = {
 
 
 def user_message(turn: int, sentences: int) -> str:
-    """Notes of ``sentences`` sentences (about 13 tokens each), different for every turn."""
+    """Notes of ``sentences`` sentences (about 19 tokens each), different for every turn."""
     lines = [
         f"{i + 1}. On day {turn * 100 + i}, {SUBJECTS[(i + turn) % len(SUBJECTS)]} {FACTS[(i * 3 + turn) % len(FACTS)]}."
         for i in range(sentences)
@@ -143,15 +143,31 @@ def markdown(report: dict) -> str:
             cells.append(f"{row['ttft_s']:.2f} ({row['prompt_tokens']} tok{reused})")
         ratio = rows[-1]["ttft_s"] / rows[0]["ttft_s"]
         lines.append(f"| {mode} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
-    lines += ["", "Target (issue 19): turn 5 / turn 1 <= 1.5x.", ""]
-    return "\n".join(lines)
+    results = report["results"]
+    reuse, none = results.get("ours, prefix cache, sequential"), results.get("ours, no prefix cache")
+    vllm = results.get("vLLM, automatic prefix caching")
+    lines += ["", "Target (issue 19): turn 5 / turn 1 <= 1.5x."]
+    if reuse and none:
+        last = reuse[-1]
+        lines += [
+            "",
+            f"On the last turn the prefix cache cut the prefilled tokens from {none[-1]['prompt_tokens']} to "
+            f"{last['prompt_tokens'] - last['reused_tokens']} and the TTFT from {none[-1]['ttft_s']:.2f} s to "
+            f"{last['ttft_s']:.2f} s ({none[-1]['ttft_s'] / last['ttft_s']:.1f}x)"
+            + (f"; ours with it took {last['ttft_s'] / vllm[-1]['ttft_s']:.2f}x vLLM's time" if vllm else "")
+            + ". What still grows from turn to turn is attention: each turn's ~1,450 new tokens attend over the "
+            "whole history before them, which is five times longer by turn 5, and no cache removes that (vLLM's "
+            "grows the same way). The 1.5x target assumes turns that are short next to the history; with turns "
+            "this long it is not met, by either engine.",
+        ]
+    return "\n".join(lines + [""])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     parser.add_argument("--turns", type=int, default=5)
-    parser.add_argument("--sentences", type=int, default=110, help="sentences per user message (~13 tokens each)")
+    parser.add_argument("--sentences", type=int, default=75, help="sentences per user message (~19 tokens each)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--no-vllm", action="store_true", help="ours only")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "multi_turn"))
@@ -176,6 +192,11 @@ def main() -> None:
         "results": results,
     }
     write_report(report, Path(args.out), markdown)
+
+
+def rewrite(out: Path) -> None:
+    """Render ``out``.md again from ``out``.json (after the text of the report changed)."""
+    out.with_suffix(".md").write_text(markdown(json.loads(out.with_suffix(".json").read_text())))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ async def run(job: dict) -> None:
             # On CPU the share of the NUMA node's memory reserved (weights + KV cache). vLLM refuses to start when
             # the node has less free than this; here the node reports ~9 GiB, and the 135M model needs far less.
             gpu_memory_utilization=0.5,
+            # Asked for explicitly: a conversation measures it (turn after turn reusing the last one's blocks).
+            enable_prefix_caching=True if "conversation" in job else None,
         )
     )
     print(json.dumps({"startup_s": round(time.perf_counter() - loading, 1)}), flush=True)
