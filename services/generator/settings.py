@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from enum import Enum
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from services.common.contract import StopStrings
 from services.common.settings import CommonSettings
@@ -25,6 +26,23 @@ class Backend(str, Enum):
     SYNTHETIC = "synthetic"
 
 
+class AttnImplementation(str, Enum):
+    """Which attention kernels the model runs (``attn_implementation`` of ``from_pretrained``)."""
+
+    #: Transformers' choice: ``sdpa`` for the models that support it, else ``eager``.
+    AUTO = "auto"
+    SDPA = "sdpa"
+    EAGER = "eager"
+    #: Needs the ``flash-attn`` package (CUDA only, bfloat16 or float16); the start fails without it.
+    FLASH_ATTENTION_2 = "flash_attention_2"
+
+
+#: DEVICE_MAP values that spread one model over several devices (accelerate's strategies);
+#: any other non-empty value names the one device for all of it.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_DEVICE_NAME = re.compile(r"(cpu|cuda|xpu|mps|npu|hpu)(:[0-9]+)?")
+
+
 class GeneratorSettings(CommonSettings):
     """Everything a generator pod can be configured with."""
 
@@ -38,7 +56,24 @@ class GeneratorSettings(CommonSettings):
         "branch or tag; empty = the hub's default branch. Ignored for a local directory.",
     )
     device: str = Field("auto", description="torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
-    dtype: str = Field("auto", description="Model dtype: auto (as saved in the checkpoint), float32, bfloat16, float16.")
+    dtype: str = Field(
+        "auto",
+        description="Model dtype: auto (bfloat16 on a CUDA device; on CPU as saved in the checkpoint), float32, "
+        "bfloat16, float16 (for GPUs without bfloat16, older than Ampere).",
+    )
+    attn_implementation: AttnImplementation = Field(
+        AttnImplementation.AUTO,
+        description="Attention kernels: auto (transformers' choice: sdpa for most models), sdpa, eager, or "
+        "flash_attention_2 (needs the flash-attn package, a CUDA GPU and DTYPE bfloat16 or float16; the start fails "
+        "without the package).",
+    )
+    device_map: str = Field(
+        "",
+        description="Empty: the whole model on DEVICE. For a model larger than one GPU: auto, balanced, "
+        "balanced_low_0 or sequential spread its layers over the visible GPUs (then CPU memory); a device name "
+        "(cuda:1) puts it all there; DEVICE is then not used, and inputs go to the device of the model's embedding. "
+        "Needs the accelerate package, which the generator image does not ship: the start fails without it.",
+    )
     torch_threads: int = Field(0, description="CPU threads for torch (0 = torch's default).")
     trust_remote_code: bool = Field(False, description="Pass trust_remote_code to from_pretrained.")
     max_new_tokens: int = Field(256, ge=1, description="Default cap on generated tokens per request.")
@@ -107,6 +142,17 @@ class GeneratorSettings(CommonSettings):
         "fail and Kubernetes restarts it (0 = off). Must exceed the longest prompt's prefill.",
     )
     cancel_check_seconds: float = Field(0.1, gt=0.0, description="How often a running job checks whether the API asked it to stop.")
+
+    @field_validator("device_map")
+    @classmethod
+    def _device_map_is_a_strategy_or_a_device(cls, value: str) -> str:
+        value = value.strip()
+        if value and value not in DEVICE_MAP_STRATEGIES and not _DEVICE_NAME.fullmatch(value):
+            raise ValueError(
+                f"DEVICE_MAP={value!r} is neither empty, one of {', '.join(DEVICE_MAP_STRATEGIES)}, nor a device "
+                "name such as cuda:1"
+            )
+        return value
 
     @model_validator(mode="after")
     def _stall_limit_fits_a_redis_outage(self) -> GeneratorSettings:
