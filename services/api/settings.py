@@ -46,7 +46,7 @@ class ApiSettings(CommonSettings):
         0,
         ge=0,
         le=65535,
-        description="Port that serves /metrics, /healthz and /readyz apart from the API, so an ingress that exposes the API does not expose them (0 = serve them on API_PORT).",
+        description="Port that serves /metrics, /healthz and /readyz apart from the API, so an ingress that exposes the API does not expose them (0 = serve them on API_PORT; the chart sets 9000).",
     )
     environment: Environment = Field(
         Environment.DEVELOPMENT,
@@ -60,7 +60,7 @@ class ApiSettings(CommonSettings):
         DEV_SESSION_SECRET,  # type: ignore[assignment]  # a SecretStr, so repr() and logs never show it
         validate_default=True,
         validation_alias=AliasChoices("session_secrets", "session_secret"),
-        description="Comma-separated keys that sign session cookies (HMAC-SHA-256); the first signs, all verify, so a key can be rotated without logging everyone out. SESSION_SECRET is read too.",
+        description="Comma-separated keys that sign session cookies (HMAC-SHA-256 with a timestamp); the first signs, all verify, so a key is rotated without logging anyone out by putting the new one first and dropping the old one a TTL later. SESSION_SECRET (one key) is read too. Required with ENVIRONMENT=production.",
     )
     session_cookie: str = Field("sid", description="Name of the session cookie.")
     session_cookie_secure: bool = Field(
@@ -68,7 +68,7 @@ class ApiSettings(CommonSettings):
         description="Mark the session cookie Secure even when the request arrived over plain HTTP (e.g. behind a TLS-terminating ingress); always on with ENVIRONMENT=production.",
     )
     session_ttl_seconds: int = Field(
-        86400, ge=60, description="A session's history expires after this long unused, and so does its cookie's signature (checked on the server)."
+        86400, ge=60, description="A session's history expires after this long unused, and so does its cookie's signature (checked on the server; every reply re-signs it)."
     )
     session_redis_url: str = Field(
         "",
@@ -87,7 +87,7 @@ class ApiSettings(CommonSettings):
     history_max_bytes: int = Field(
         131072,
         ge=1024,
-        description="Largest stored history of one session in bytes (UTF-8 JSON); the oldest turns are dropped beyond it.",
+        description="Largest stored history of one session in bytes (UTF-8 JSON); the oldest turns are dropped beyond it (the newest is always kept).",
     )
     system_prompt: str = Field("", description="Optional system message placed before every conversation.")
     allow_client_system_prompt: bool = Field(
@@ -95,7 +95,7 @@ class ApiSettings(CommonSettings):
         description="Let a system message of a /v1/chat/completions request replace SYSTEM_PROMPT; by default SYSTEM_PROMPT stays first and the client's follows it.",
     )
     max_body_bytes: int = Field(
-        65536, ge=1024, description="Largest request body accepted by /chat_stream (HTTP 413 beyond, refused before it is read whole)."
+        65536, ge=1024, description="Largest request body accepted by /chat_stream (HTTP 413 beyond, refused from Content-Length before it is read whole; a body of up to 8 MiB is read and dropped first, for at most 5 s, so that a client that writes its whole body before reading gets the 413 rather than a reset connection; a larger one is answered at once)."
     )
     max_input_chars: int = Field(8000, ge=1, description="Longest user_input accepted (HTTP 422 beyond).")
     max_concurrent_generations: int = Field(
@@ -103,13 +103,13 @@ class ApiSettings(CommonSettings):
     )
     admission_follows_generators: bool = Field(
         False,
-        description="When true, the cluster-wide permit limit is the smaller of MAX_CONCURRENT_GENERATIONS and the total GENERATOR_SLOTS of the live generators.",
+        description="When true, the cluster-wide permit limit is the smaller of MAX_CONCURRENT_GENERATIONS and the total GENERATOR_SLOTS of the live generators (each registers its slots), so admission follows the fleet as it scales.",
     )
     max_queue_size: int = Field(
         32, ge=0, description="Requests that may wait for a permit, cluster-wide; beyond it, HTTP 429."
     )
     queue_timeout_seconds: float = Field(
-        60.0, gt=0.0, description="A request that waits longer than this for a permit gets HTTP 503."
+        60.0, gt=0.0, description="A request that waits longer than this for a permit gets HTTP 503 (queue_timeout)."
     )
     lease_seconds: float = Field(
         10.0,
@@ -120,7 +120,7 @@ class ApiSettings(CommonSettings):
     )
     retry_after_seconds: int = Field(2, ge=0, description="Retry-After sent with HTTP 429.")
     request_timeout_seconds: float = Field(
-        300.0, gt=0.0, description="Deadline of a whole request (queue wait + generation); past it the client gets an error and the generation stops."
+        300.0, gt=0.0, description="Deadline of a whole request (queue wait + generation); past it the client gets request_timeout (HTTP 504 before the first token) and the generation stops."
     )
     resume_grace_seconds: float = Field(
         10.0,
@@ -144,7 +144,8 @@ class ApiSettings(CommonSettings):
         30.0,
         ge=0.0,
         description="Watchdog: /healthz answers 503 (and Kubernetes restarts the pod) when the stream reader has had "
-        "streams to read but no read has returned or failed for this long (0 = off). Redis being unreachable does not count.",
+        "streams to read but no read has returned or failed for this long (0 = off). Redis being unreachable does not count. "
+        "At least 2 × (2 s + REDIS_SOCKET_TIMEOUT_SECONDS) + 1.5 s.",
     )
     relay_max_read_pause_ms: float = Field(
         10.0,
@@ -155,19 +156,19 @@ class ApiSettings(CommonSettings):
         "default", description="Model id reported by GET /v1/models and in OpenAI-style replies that name no model."
     )
     openai_max_body_bytes: int = Field(
-        1_048_576, ge=1024, description="Largest body accepted by POST /v1/chat/completions, which carries the whole conversation (HTTP 413 beyond)."
+        1_048_576, ge=1024, description="Largest body accepted by POST /v1/chat/completions, which carries the whole conversation (HTTP 413 body_too_large beyond)."
     )
     api_keys: SecretStr = Field(
         "",  # type: ignore[assignment]  # validated into a SecretStr, so repr() and logs never show keys
         validate_default=True,
-        description="Comma-separated API keys; when any is set, every route but health, readiness, metrics and the web page needs Authorization: Bearer <key>."
+        description="Comma-separated API keys; when any key is configured (here, in API_KEYS_FILE or in TENANTS_FILE), every route but health, readiness, metrics and the web page needs Authorization: Bearer <key>."
     )
     api_keys_file: str = Field(
-        "", description="File with more API keys, one per line (e.g. a mounted Kubernetes Secret); re-read when it changes."
+        "", description="File with more API keys, one per line (e.g. a mounted Kubernetes Secret); re-read when it changes. A file that cannot be read stops the start."
     )
     tenants_file: str = Field(
         "",
-        description="YAML file of tenants (their API keys, weight, priority, max_concurrent, max_queued, tokens_per_minute; see README) that share the generation permits fairly; re-read when it changes. Empty: one default tenant.",
+        description="YAML file of tenants (their API keys, weight, priority, max_concurrent, max_queued, tokens_per_minute; see docs/tenants.md) that share the generation permits fairly; re-read when it changes. Empty: one default tenant.",
     )
     batch_every_grants: int = Field(
         10,

@@ -37,7 +37,8 @@ class CommonSettings(BaseSettings):
 
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
-        description="Redis that carries the job queue, token streams, sessions and registrations.",
+        description="Redis that carries the job queue, token streams, sessions and registrations; with an ACL user: "
+        "redis://chatstream-api:PASSWORD@host:6379/0.",
     )
     redis_sentinels: Addresses = Field(
         default_factory=list,
@@ -54,7 +55,7 @@ class CommonSettings(BaseSettings):
         5.0,
         gt=0.0,
         description="Read timeout of a Redis command; a reply that takes longer counts as a lost connection "
-        "(blocking stream reads get their block time on top; pub/sub listens in short polls).",
+        "(blocking stream reads get their block time on top; pub/sub listens in 1 s polls).",
     )
     redis_keepalive_seconds: float = Field(
         5.0,
@@ -67,9 +68,14 @@ class CommonSettings(BaseSettings):
         10.0,
         gt=0.0,
         description="How long Redis may be unreachable (a failover, a dropped connection) before streams fail: "
-        "generators retry their writes and the API its stream reads for this long, reconnecting meanwhile.",
+        "generators retry their writes (each entry exactly once) and the API its stream reads for this long, "
+        "reconnecting meanwhile.",
     )
-    log_level: str = Field("INFO", description="Python logging level.")
+    log_level: str = Field(
+        "INFO",
+        description="Python logging level (a generator logs arq's per-job lines, which contain the conversation, only "
+        "at DEBUG).",
+    )
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one JSON object per line with request_id and trace_id; text: for humans."
     )

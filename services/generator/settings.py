@@ -52,8 +52,10 @@ class GeneratorSettings(CommonSettings):
     )
     model_revision: str = Field(
         "",
-        description="Hub revision of MODEL_ID to load: a commit hash (reproducible: a branch or tag can move), "
-        "branch or tag; empty = the hub's default branch. Ignored for a local directory.",
+        description="Hub revision of MODEL_ID that the tokenizer and the weights are both loaded from: best a full "
+        "commit hash, since a branch or tag can be moved to other weights; a branch or tag name also works. Empty = "
+        "the hub's default branch. Ignored for a local directory. The chart sets it from model.revision, and its "
+        "download init container fetches the same revision.",
     )
     device: str = Field("auto", description="torch device: auto (cuda when available), cpu, cuda, cuda:1, ...")
     dtype: str = Field(
@@ -86,7 +88,8 @@ class GeneratorSettings(CommonSettings):
         default_factory=list, description="Default stop strings (JSON list; at most 4, each at most 256 characters)."
     )
     generator_backend: Backend = Field(
-        Backend.TRANSFORMERS, description="transformers, or synthetic (benchmarks and fault drills only)."
+        Backend.TRANSFORMERS, description="transformers, or synthetic: a benchmark and fault-drill backend that echoes the user's words at a "
+        "fixed rate without a model. Never use it to serve users."
     )
     generator_slots: int = Field(
         1,
@@ -123,7 +126,7 @@ class GeneratorSettings(CommonSettings):
     )
     worker_id: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
-        description="Name of this generator in registrations, stream entries and traces (default: host-pid).",
+        description="Name of this generator in registrations, stream entries and traces (default: host-pid; the chart sets the pod name).",
     )
     idle_poll_seconds: float = Field(
         0.5, gt=0.0, description="Fallback queue poll interval; new jobs normally wake the worker at once."
@@ -132,16 +135,22 @@ class GeneratorSettings(CommonSettings):
     registration_ttl_seconds: float = Field(10.0, gt=0.0, description="A generator that stops renewing its registration is considered gone after this.")
     metrics_port: int = Field(9100, ge=0, le=65535, description="Port of the Prometheus metrics endpoint (0 = off).")
     drain_seconds: float = Field(
-        60.0, ge=0.0, description="On SIGTERM: stop taking jobs and let running streams finish for up to this long, then exit."
+        60.0, ge=0.0, description="On SIGTERM: stop taking jobs and let running streams finish for up to this long, then exit 0. Keep it "
+        "below the pod's terminationGracePeriodSeconds."
     )
     generator_stall_seconds: float = Field(
         120.0,
         ge=0.0,
         description="Watchdog: a generator whose engine has work but produced no token for this long (a hung GPU, a "
-        "deadlock), or whose job loop has not turned, stops taking jobs and withdraws its registration, so its probes "
-        "fail and Kubernetes restarts it (0 = off). Must exceed the longest prompt's prefill.",
+        "deadlock), or whose job loop has not turned, ends its running generations with generator_stalled, stops taking "
+        "jobs and withdraws its registration, so its probes fail and Kubernetes restarts it (0 = off). Must exceed the "
+        "longest prompt's prefill; at least 4 × (2 s + REDIS_SOCKET_TIMEOUT_SECONDS) + IDLE_POLL_SECONDS.",
     )
-    cancel_check_seconds: float = Field(0.1, gt=0.0, description="How often a running job checks whether the API asked it to stop.")
+    cancel_check_seconds: float = Field(
+        0.1,
+        gt=0.0,
+        description="How often a running job checks whether the API asked it to stop (and whether its permit is still live).",
+    )
 
     @field_validator("device_map")
     @classmethod
