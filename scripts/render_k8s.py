@@ -26,7 +26,7 @@ BASE = REPO / "k8s" / "base"
 
 RELEASE = "chatstream"
 NAMESPACE = "chatstream"
-#: The Secret users create before applying (see docs/deploy.md).
+#: The Secret users create before applying (see docs/deployment.md).
 SECRET = "chatstream-secrets"
 #: --set options that turn the chart's defaults into the plain base.
 BASE_VALUES = {

@@ -19,7 +19,7 @@ from tests.support.processes import Generator, RedisServer, eventually
 
 pytestmark = pytest.mark.skipif(bool(netns.available()), reason=netns.available() or "available")
 
-#: Short timeouts, so that the test takes seconds (the defaults are in the README).
+#: Short timeouts, so that the test takes seconds (the defaults are in docs/configuration.md).
 QUICK = {"REDIS_SOCKET_TIMEOUT_SECONDS": "1", "REDIS_RETRY_SECONDS": "2", "REDIS_KEEPALIVE_SECONDS": "1"}
 
 

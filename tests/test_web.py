@@ -108,7 +108,7 @@ def test_page_streams_a_reply_then_regenerates_and_clears(stack, default_model, 
 
     page.screenshot(path=str(tmp_path / "chat.png"))
     if os.environ.get("UPDATE_SCREENSHOT"):
-        # The README's picture; refreshed on request so a test run leaves the tree clean.
+        # The README's picture (docs/screenshots/chat.png); refreshed on request so a test run leaves the tree clean.
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tmp_path / "chat.png", SCREENSHOT)
 
