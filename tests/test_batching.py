@@ -322,3 +322,24 @@ def test_a_running_stream_gets_a_token_after_every_chunk_of_a_long_prompt(tiny_m
 
     assert tokens_of_the_running_sequence_during_the_prefill(16) >= len(prompt) // 16 - 2
     assert tokens_of_the_running_sequence_during_the_prefill(0) <= 1
+
+
+async def test_closing_the_sequential_decoder_ends_the_running_and_the_waiting_request(tiny_model):
+    """Neither the request being generated nor one queued behind it is left waiting forever."""
+    engine = create_engine(settings(tiny_model, slots=1))
+    hi = [ChatMessage(role="user", content="Hi")]
+    running = engine.start(hi, greedy(max_new_tokens=4000), threading.Event())
+    waiting = engine.start(hi, greedy(max_new_tokens=10), threading.Event())
+
+    async def read(generation) -> BaseException | None:
+        try:
+            async for _ in generation:
+                if generation is running:
+                    engine.close()  # while the first is mid-reply and the second queued
+        except RuntimeError as exc:
+            return exc
+        return None
+
+    errors = await asyncio.wait_for(asyncio.gather(read(running), read(waiting)), 30)
+    assert [str(e) for e in errors] == ["the generator is shutting down"] * 2
+    assert running.completion_tokens < 4000

@@ -85,6 +85,8 @@ class SequentialDecoder:
         self._prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
         self._closed = False
+        self._running: DecodeRequest | None = None
+        self._interrupted: DecodeRequest | None = None  # the one running when the decoder closed
 
     @property
     def prefix_cache(self) -> PrefixCache:
@@ -96,15 +98,24 @@ class SequentialDecoder:
         if self._closed:
             request.finish(RuntimeError("the generator is shutting down"))
             return
-        self._executor.submit(self._run, request)
+        future = self._executor.submit(self._run, request)
+        # A request still waiting when the decoder closes never runs: it must still end.
+        future.add_done_callback(
+            lambda done: request.finish(RuntimeError("the generator is shutting down")) if done.cancelled() else None
+        )
 
     def close(self) -> None:
-        """Refuse new requests; the running one stops at its next token."""
+        """Refuse new requests and fail the waiting ones; the running one stops at its next token."""
         self._closed = True
+        running = self._running
+        if running is not None:
+            self._interrupted = running
+            running.halt.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _run(self, request: DecodeRequest) -> None:
         error: BaseException | None = None
+        self._running = request
         try:
             if not request.stopped:
                 self._generate(request)
@@ -112,6 +123,9 @@ class SequentialDecoder:
             logger.exception("generation failed for a prompt of %d tokens", len(request.prompt_ids))
             error = exc
         finally:
+            self._running = None
+            if error is None and self._interrupted is request:
+                error = RuntimeError("the generator is shutting down")
             request.finish(error)
 
     def _generate(self, request: DecodeRequest) -> None:
