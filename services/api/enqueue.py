@@ -24,6 +24,7 @@ from services.common.contract import (
     prefix_holder_key,
     serialize_job,
 )
+from services.common.lua import redis_now
 from services.common.telemetry import inject_context
 
 tracer = trace.get_tracer("services.api")
@@ -42,8 +43,8 @@ redis.call('PSETEX', KEYS[1], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 local holder = redis.call('GET', KEYS[4])
 if holder then
-  local time = redis.call('TIME')
-  redis.call('PSETEX', KEYS[5], ARGV[2], holder .. ' ' .. (tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)))
+""" + redis_now() + """
+  redis.call('PSETEX', KEYS[5], ARGV[2], holder .. ' ' .. math.floor(now * 1000))
 end
 if #KEYS > 5 then
   redis.call('HSET', KEYS[6], unpack(ARGV, 8))

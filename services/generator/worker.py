@@ -30,6 +30,7 @@ from services.common.contract import (
     deserialize_job,
     serialize_job,
 )
+from services.common.lua import redis_now
 from services.common.pubsub import listen_forever
 from services.common.redis_client import connect_arq
 from services.common.registry import register_generator, unregister_generator
@@ -65,13 +66,11 @@ ORPHAN_AGE_MS = 30_000
 # that generator for the affinity wait after its enqueue; after that, or at once when
 # the holder's registration has expired, any worker takes it. The wait is measured on
 # Redis's clock, so skewed pod clocks cannot stretch it.
-_CLAIM_JOBS = """
+_CLAIM_JOBS = redis_now("now_s") + """
 local now = tonumber(ARGV[1])
 local limit = tonumber(ARGV[3])
 local wait_ms = tonumber(ARGV[5])
-local time = redis.call('TIME')
-local now_s = tonumber(time[1]) + tonumber(time[2]) / 1e6
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = math.floor(now_s * 1000)
 local claimed, orphaned, soonest = {}, {}, -1
 for i = 1, (#KEYS - 3) / 3 do
   local in_progress, job_key, affinity, job_id = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3], ARGV[i + 5]
