@@ -73,3 +73,20 @@ def test_probe_refuses_to_guess_the_worker_id(redis_url: str) -> None:
     result = probe(redis_url, None)
     assert result.returncode == 1
     assert "WORKER_ID is not set" in result.stderr
+
+
+def test_a_generator_with_invalid_settings_refuses_to_start_with_one_line_per_problem():
+    """Like the API: exit code 2 and what is wrong, not a pydantic traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GENERATOR_SLOTS": "0", "PREFIX_CACHE_MB": "lots"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.generator"], env=env, capture_output=True, text=True, timeout=60
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "refusing to start, invalid settings" in output and "Traceback" not in output
+    problems = [line.strip() for line in output.splitlines() if line.startswith("  ")]
+    assert len(problems) == 2 and problems[0].startswith("GENERATOR_SLOTS: ") and "PREFIX_CACHE_MB: " in problems[1], output

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import argparse
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BeforeValidator, Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -109,3 +110,34 @@ def describe_settings(settings_cls: type[BaseSettings]) -> str:
         default = getattr(default, "value", default)  # enums: show the string to set
         lines.append(f"  {name.upper():<34} {info.description or ''} [default: {default!r}]")
     return "\n".join(lines)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def settings_from_command_line(
+    settings_cls: type[SettingsT], prog: str, description: str, argv: list[str] | None = None
+) -> tuple[SettingsT, argparse.ArgumentParser]:
+    """A service's command line: ``--help`` lists its environment variables, and settings
+    that do not validate end the process with exit code 2 and one line per problem
+    instead of a traceback. Returns the settings and the parser (to refuse later)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=description,
+        epilog="Configured by environment variables (OpenTelemetry through the standard OTEL_* ones):\n"
+        + describe_settings(settings_cls),
+    )
+    parser.parse_args(argv)
+    try:
+        return settings_cls(), parser
+    except ValidationError as exc:
+        problems = "\n".join(f"  {_problem(error)}" for error in exc.errors())
+        parser.exit(2, f"{prog}: refusing to start, invalid settings:\n{problems}\n")
+
+
+def _problem(error: dict) -> str:
+    """One validation error as an operator reads it: the variable, then what is wrong."""
+    message = error["msg"].removeprefix("Value error, ")
+    name = str(error["loc"][0]).upper() if error.get("loc") else ""
+    return f"{name}: {message}" if name and name not in message else message

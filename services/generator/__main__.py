@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 
-from services.common.settings import describe_settings
+from services.common.settings import settings_from_command_line
 from services.common.logs import setup_logging
 from services.common.telemetry import setup_tracing
 from services.generator.settings import GeneratorSettings
@@ -14,16 +13,13 @@ from services.generator.settings import GeneratorSettings
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the (settings-only) command line and run the worker until SIGINT/SIGTERM."""
-    parser = argparse.ArgumentParser(
-        prog="python -m services.generator",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Generator worker: takes generation jobs from the arq queue in Redis, runs the model, "
-        "and publishes tokens to each request's Redis Stream.",
-        epilog="Configured by environment variables (OpenTelemetry through the standard OTEL_* ones):\n"
-        + describe_settings(GeneratorSettings),
+    settings, _ = settings_from_command_line(
+        GeneratorSettings,
+        "python -m services.generator",
+        "Generator worker: takes generation jobs from the arq queue in Redis, runs the model, and publishes "
+        "tokens to each request's Redis Stream.",
+        argv,
     )
-    parser.parse_args(argv)
-    settings = GeneratorSettings()
     setup_logging(settings.log_level, settings.log_format)
     if logging.getLogger().level > logging.DEBUG:
         # arq logs every job's arguments, which hold the user's conversation.
