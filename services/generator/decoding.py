@@ -186,8 +186,9 @@ class SequentialDecoder:
             else:
                 out = model.generate(**kwargs)
         if self._prefix_cache.enabled and out.past_key_values is not None:
-            tokens = out.sequences[0].tolist()
-            self._prefix_cache.store(request.cache_salt, tokens[: out.past_key_values.get_seq_length()], layers_of(out.past_key_values))
+            # The cache holds every token but the last one generated (never fed back).
+            tokens = out.sequences[0].tolist()[: out.past_key_values.get_seq_length()]
+            self._prefix_cache.store(request.cache_salt, tokens, layers_of(out.past_key_values))
 
 
 def cache_from_layers(model: Any, layers: list[LayerKV]) -> Any:
