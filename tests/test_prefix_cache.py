@@ -137,7 +137,7 @@ def hits(generator) -> float:
 async def test_follow_up_turns_go_to_the_generator_holding_the_conversation(stack, tiny_model):
     """Two idle generators: every follow-up of a session is served where its history is
     cached (with a wait long enough that chance cannot pass this test)."""
-    env = tiny_generator_env(tiny_model, PREFIX_AFFINITY_WAIT_MS="3000")
+    env = tiny_generator_env(tiny_model, PREFIX_CACHE_MB="256", PREFIX_AFFINITY_WAIT_MS="3000")
     generators = [stack.generator(env), stack.generator(env)]
     api = stack.api()
     async with httpx.AsyncClient(base_url=api.base_url, timeout=30) as client:
@@ -153,7 +153,7 @@ async def test_a_follow_up_waits_for_a_wedged_holder_only_the_affinity_wait(stac
     """The holder is registered but never claims (busy or hung): another generator takes
     the job after PREFIX_AFFINITY_WAIT_MS. A holder whose registration expired (dead) is
     not waited for at all."""
-    generator = stack.generator(tiny_generator_env(tiny_model, PREFIX_AFFINITY_WAIT_MS="1500"))
+    generator = stack.generator(tiny_generator_env(tiny_model, PREFIX_CACHE_MB="256", PREFIX_AFFINITY_WAIT_MS="1500"))
     api = stack.api()
     redis = stack.redis
 

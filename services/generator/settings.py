@@ -105,11 +105,11 @@ class GeneratorSettings(CommonSettings):
         "prefills each prompt in one pass.",
     )
     prefix_cache_mb: int = Field(
-        1024,
+        0,
         ge=0,
         description="Memory (MiB, on the model's device) for the key/value caches of finished conversations, least "
         "recently used evicted: a follow-up turn that starts with a cached prompt and reply prefills only its new "
-        "tokens. Partitioned by tenant. 0 = off.",
+        "tokens. Partitioned by tenant. 0 = off (the default until a stream seen hanging with it under a rolling update is understood).",
     )
     prefix_affinity_wait_ms: int = Field(
         20,
