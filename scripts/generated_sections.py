@@ -35,3 +35,22 @@ def replace_section(text: str, name: str, script: str, body: str) -> str:
         raise ValueError(f"no generated section {name!r} (its BEGIN and END markers) in the document")
     section = f"{begin_marker(name, script)}\n{body.rstrip()}\n{end_marker(name)}"
     return pattern.sub(lambda _: section, text, count=1)
+
+
+def write_or_check(doc, script: str, render, argv: list[str]) -> int:
+    """A render script's command line: write ``render(doc's text)`` into ``doc``, or with
+    ``--check`` only say (exit 1) whether the committed file is stale."""
+    import sys
+
+    repo = doc.parents[1]
+    current = doc.read_text()
+    rendered = render(current)
+    if "--check" in argv:
+        if rendered != current:
+            print(f"{doc.relative_to(repo)} is stale: run .venv/bin/python {script}", file=sys.stderr)
+            return 1
+        return 0
+    if rendered != current:
+        doc.write_text(rendered)
+        print(f"wrote {doc.relative_to(repo)}")
+    return 0

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from scripts.generated_sections import replace_section  # noqa: E402
+from scripts.generated_sections import replace_section, write_or_check  # noqa: E402
 from services.api.app import create_app  # noqa: E402
 from services.api.settings import ApiSettings  # noqa: E402
 
@@ -110,17 +110,7 @@ def render(text: str) -> str:
 
 def main(argv: list[str]) -> int:
     """Write the tables into ``docs/api.md`` (``--check``: only say whether it is stale)."""
-    current = DOC.read_text()
-    rendered = render(current)
-    if "--check" in argv:
-        if rendered != current:
-            print(f"{DOC.relative_to(REPO)} is stale: run .venv/bin/python {SCRIPT}", file=sys.stderr)
-            return 1
-        return 0
-    if rendered != current:
-        DOC.write_text(rendered)
-        print(f"wrote {DOC.relative_to(REPO)}")
-    return 0
+    return write_or_check(DOC, SCRIPT, render, argv)
 
 
 if __name__ == "__main__":

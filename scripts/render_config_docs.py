@@ -29,7 +29,7 @@ from pydantic import AliasChoices, SecretStr  # noqa: E402
 from pydantic.fields import FieldInfo  # noqa: E402
 from pydantic_settings import BaseSettings  # noqa: E402
 
-from scripts.generated_sections import replace_section  # noqa: E402
+from scripts.generated_sections import replace_section, write_or_check  # noqa: E402
 from services.api.settings import ApiSettings  # noqa: E402
 from services.common.settings import CommonSettings  # noqa: E402
 from services.generator.settings import GeneratorSettings  # noqa: E402
@@ -140,17 +140,7 @@ def render(text: str) -> str:
 
 def main(argv: list[str]) -> int:
     """Write the tables into ``docs/configuration.md`` (``--check``: only say whether it is stale)."""
-    current = DOC.read_text()
-    rendered = render(current)
-    if "--check" in argv:
-        if rendered != current:
-            print(f"{DOC.relative_to(REPO)} is stale: run .venv/bin/python {SCRIPT}", file=sys.stderr)
-            return 1
-        return 0
-    if rendered != current:
-        DOC.write_text(rendered)
-        print(f"wrote {DOC.relative_to(REPO)}")
-    return 0
+    return write_or_check(DOC, SCRIPT, render, argv)
 
 
 if __name__ == "__main__":
